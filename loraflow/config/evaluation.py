@@ -1,0 +1,30 @@
+"""What is measured on the base and on base + adapter, side by side."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from loraflow.config.base import Section
+
+
+class PerplexityConfig(Section):
+    """Token-weighted perplexity over the assistant tokens of the held-out split."""
+
+    enabled: bool = True
+    max_rows: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+
+
+class BenchmarkConfig(Section):
+    """lm-evaluation-harness tasks (e.g. kobest_boolq). `include_path` adds a folder of task YAMLs."""
+
+    tasks: list[str] = Field(default_factory=list)
+    include_path: str | None = None
+    num_fewshot: int = Field(default=0, ge=0)
+    limit: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+
+
+class EvalConfig(Section):
+    perplexity: PerplexityConfig = PerplexityConfig()
+    benchmarks: BenchmarkConfig = BenchmarkConfig()

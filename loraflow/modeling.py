@@ -1,0 +1,109 @@
+"""Loading the base model, its tokenizer (with loraflow's chat template) and base + adapter.
+
+One code path for every config: the embedded tiny-ko on CPU and Qwen2.5-7B on CUDA differ only in the values
+of `ModelConfig` / `QuantizationConfig`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from loraflow.config.lora import QuantizationConfig
+from loraflow.config.model import EMBEDDED_PREFIX, ModelConfig
+from loraflow.templates import load_template
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_base(model: ModelConfig) -> str:
+    """A local directory or hub id that transformers can load; embedded bases are built on first use."""
+    if model.is_embedded:
+        name = model.base.removeprefix(EMBEDDED_PREFIX)
+        if name != "tiny-ko":
+            raise ValueError(f"model.base: unknown embedded model {name!r} (known: tiny-ko)")
+        from loraflow.tiny.base import tiny_ko_dir
+
+        return str(tiny_ko_dir())
+    return model.base
+
+
+def device_for(model: ModelConfig) -> str:
+    if model.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return model.device
+
+
+def dtype_for(name: str, device: str) -> torch.dtype:
+    """`auto` is bf16 on CUDA and fp32 on CPU (bf16 matmuls are slow or inexact on most CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_base(model), revision=model.revision, trust_remote_code=model.trust_remote_code
+    )
+    tokenizer.chat_template = load_template(model.chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bnb_config(quant: QuantizationConfig, device: str) -> BitsAndBytesConfig | None:
+    if not quant.enabled:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.method,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype_for(quant.compute_dtype, device),
+    )
+
+
+def disable_cpu_bf16_repack(model: torch.nn.Module) -> int:
+    """bitsandbytes repacks 4-bit weights in place on the first no-grad forward on AVX512-BF16 CPUs; training
+    afterwards crashes or silently loses gradients (DESIGN §8). Turn that path off on every 4-bit layer."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def load_base_model(model: ModelConfig, quant: QuantizationConfig, *, quantized: bool = True) -> PreTrainedModel:
+    """The frozen base; 4-bit when `quantized` and the config asks for it (training, QLoRA eval), else full
+    precision (merging must never happen in the 4-bit model)."""
+    device = device_for(model)
+    quantization = bnb_config(quant, device) if quantized else None
+    dtype = dtype_for(model.dtype, device)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        resolve_base(model),
+        revision=model.revision,
+        dtype=dtype,
+        quantization_config=quantization,
+        device_map={"": device} if quantization is not None else None,
+        trust_remote_code=model.trust_remote_code,
+    )
+    if quantization is None:
+        loaded.to(device)
+    elif device == "cpu":
+        disable_cpu_bf16_repack(loaded)
+    return loaded
+
+
+def load_tuned_model(model: ModelConfig, quant: QuantizationConfig, adapter_dir: str | Path,
+                     *, quantized: bool = True) -> torch.nn.Module:
+    """Base + adapter (PEFT), loaded the way it was trained."""
+    from peft import PeftModel
+
+    base = load_base_model(model, quant, quantized=quantized)
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)

@@ -1,0 +1,78 @@
+"""What each step returns: small, typed, JSON-able records of paths, hashes and metrics.
+
+Heavy objects (models) never cross step boundaries; directories do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+RESULT_FILE = "result.json"
+
+
+class StepResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    path: str
+
+    def is_complete(self) -> bool:
+        return (Path(self.path) / RESULT_FILE).is_file()
+
+
+class DatasetResult(StepResult):
+    """`path` holds `dataset/` (save_to_disk, splits train/eval), `stats.json`, `rejected.jsonl`."""
+
+    dataset_sha: str
+    stats: dict[str, Any]
+
+    @property
+    def dataset_dir(self) -> str:
+        return str(Path(self.path) / "dataset")
+
+
+class ChatResult(StepResult):
+    """`path` holds `tokenized/` (input_ids + assistant_masks per split) and `lengths.png`."""
+
+    dataset_sha: str
+    template_sha: str
+    stats: dict[str, Any]
+
+    @property
+    def tokenized_dir(self) -> str:
+        return str(Path(self.path) / "tokenized")
+
+
+class TrainResult(StepResult):
+    """`path` holds `adapter/` (PEFT, with tokenizer + chat template), `checkpoints/`, `log_history.json`."""
+
+    adapter_sha: str
+    metrics: dict[str, float]
+
+    @property
+    def adapter_dir(self) -> str:
+        return str(Path(self.path) / "adapter")
+
+    @property
+    def log_history(self) -> str:
+        return str(Path(self.path) / "log_history.json")
+
+
+class EvalResult(StepResult):
+    """Metrics named `base/<name>` and `tuned/<name>`; artifact files under `path`."""
+
+    metrics: dict[str, float]
+    artifacts: list[str]
+
+
+class RegisteredVersion(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model_name: str
+    version: str
+    run_id: str
+    source: str
+    created: bool  # False when an identical version already existed (cached rerun)

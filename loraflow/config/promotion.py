@@ -1,4 +1,4 @@
-"""When a freshly registered adapter version earns an alias."""
+"""When a freshly registered adapter version earns an alias (`challenger`, or `champion` when automatic)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,21 @@ from loraflow.config.base import Section
 
 
 class Requirement(Section):
-    """A metric the candidate must hold, named as logged without the base/tuned prefix
-    (e.g. `kobest_boolq/acc`, `perplexity`)."""
+    """A metric the candidate must have, named as logged without the base/tuned prefix (e.g.
+    `kobest_boolq/acc`, `perplexity`). Gains are absolute, in the metric's units, in its better direction; a
+    negative gain is a tolerated loss (e.g. -0.01: may lose at most one point of accuracy). None: not compared
+    with that side."""
 
-    metric: str
+    metric: str = Field(min_length=1)
     higher_is_better: bool = True
-    min_gain_over_base: float = 0.0
-    min_gain_over_champion: float = 0.0
+    min_gain_over_base: float | None = 0.0
+    min_gain_over_champion: float | None = 0.0
 
 
 class PromotionConfig(Section):
     require: list[Requirement] = Field(default_factory=list)
-    # Relative bound: tuned perplexity may be at most (1 + this) times the champion's.
-    max_perplexity_regression: float = Field(default=0.0, ge=0)
+    # Relative bound: tuned perplexity may be at most (1 + this) times the base's and the champion's.
+    # None: perplexity is only judged by `require`.
+    max_perplexity_regression: float | None = Field(default=0.0, ge=0)
     # True: a passing version becomes `champion` directly; False: it gets `challenger` and a person decides.
     auto_champion: bool = False

@@ -14,7 +14,8 @@ class TrainingConfig(Section):
     max_steps: int = Field(default=-1, ge=-1)
     learning_rate: float = Field(default=2e-4, gt=0)
     lr_scheduler: str = "cosine"
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    # an int is a number of steps; a float in [0, 1) is a fraction of all steps (transformers semantics)
+    warmup_steps: float = Field(default=0.03, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=4, gt=0)
     gradient_accumulation_steps: int = Field(default=4, gt=0)

@@ -36,7 +36,8 @@ def qa_rows(articles: list[Article]) -> list[dict[str, str]]:
         title = _title(article)
         rows += [
             {"instruction": f"대한민국 헌법 {title}의 내용을 알려 주세요.", "output": article.text},
-            {"instruction": f"헌법 {title}는 어느 장에 속합니까?", "output": f"{title}는 {article.chapter}에 속합니다."},
+            {"instruction": f"헌법 {title}는 어느 장에 속합니까?",
+             "output": f"{title}는 {article.chapter}에 속합니다."},
             {"instruction": f"다음 조문의 요지를 한 문장으로 말해 주세요.\n{article.text}",
              "output": _first_sentence(article.text)},
         ]

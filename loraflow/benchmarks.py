@@ -1,0 +1,195 @@
+"""lm-evaluation-harness benchmarks on the base and on base + adapter, as a library.
+
+Scoring is lm-eval's own: `simple_evaluate` on an `HFLM` wrapping an already-loaded model (base or PEFT),
+or on a `local-completions` client of an OpenAI-compatible server (vLLM serving an adapter). Tasks come from
+lm-eval's index plus `include_path` (e.g. the offline tiny-ko KoBEST tasks).
+
+Metrics are flattened to `{"<task>/<metric>": value}`; standard errors are kept as `<task>/<metric>_stderr`
+where lm-eval computed one (it reports "N/A" for aggregations without one, which are dropped). A metric from a
+non-default filter is named `<task>/<metric>:<filter>`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from loraflow.config.evaluation import BenchmarkConfig
+from loraflow.config.loader import ConfigError
+from loraflow.config.model import EMBEDDED_PREFIX
+
+# Prefixed with the model's label (`base.lm_eval_results.json`) so base and tuned files can share a folder.
+RESULTS_FILE = "lm_eval_results.json"
+SAMPLES_FILE = "lm_eval_samples.jsonl"
+FIELD = "eval.benchmarks"
+
+
+class BenchmarkRun(BaseModel):
+    """One model's lm-eval run: flat metrics and the files lm-eval's output was written to."""
+
+    model_config = ConfigDict(frozen=True)
+
+    metrics: dict[str, float]
+    results_file: str
+    samples_file: str | None
+    seconds: float
+
+
+def resolve_include_path(include_path: str | None) -> str | None:
+    """A folder lm-eval can scan; `embedded:tiny-kobest` is generated on first use."""
+    if include_path is None:
+        return None
+    if include_path.startswith(EMBEDDED_PREFIX):
+        name = include_path.removeprefix(EMBEDDED_PREFIX)
+        from loraflow.tiny.kobest import EMBEDDED_NAME, tiny_kobest_dir
+
+        if name != EMBEDDED_NAME:
+            raise ConfigError(f"{FIELD}.include_path: unknown embedded task folder {name!r} "
+                              f"(known: {EMBEDDED_NAME})")
+        return str(tiny_kobest_dir())
+    path = Path(include_path).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"{FIELD}.include_path: not a directory: {include_path}")
+    return str(path)
+
+
+@lru_cache(maxsize=8)
+def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def task_manager_for(tasks: list[str], include_path: str | None) -> Any:
+    """The cheapest lm-eval index that knows every task: indexing only `include_path` takes milliseconds,
+    lm-eval's ~15k built-in YAMLs take seconds, so the built-ins are indexed only when a task needs them.
+    Cached per process."""
+    if include_path is not None:
+        local = _task_manager(include_path, False)
+        if all(name in local.all_tasks for name in tasks):
+            return local
+    return _task_manager(include_path, True)
+
+
+def validate_tasks(bench: BenchmarkConfig) -> None:
+    """Fail before any training when a configured task is unknown to lm-eval (with include_path)."""
+    if not bench.tasks:
+        return
+    include_path = resolve_include_path(bench.include_path)
+    known = task_manager_for(bench.tasks, include_path).all_tasks
+    problems = []
+    for i, name in enumerate(bench.tasks):
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            where = f" in lm-eval's tasks or {include_path}" if include_path else " in lm-eval's tasks"
+            problems.append(f"  {FIELD}.tasks[{i}]: unknown task {name!r}{where}{hint}")
+    if problems:
+        raise ConfigError(f"{len(problems)} invalid benchmark task(s)\n" + "\n".join(problems))
+
+
+def flatten_results(results: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's `results` section ({task: {"acc,none": 0.5, "acc_stderr,none": 0.06, ...}}) as flat names."""
+    flat: dict[str, float] = {}
+    for task, entries in results["results"].items():
+        for key, value in entries.items():
+            if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
+                continue  # "alias", "N/A" stderr
+            metric, filter_name = key.split(",", 1)
+            suffix = "" if filter_name == "none" else f":{filter_name}"
+            flat[f"{task}/{metric}{suffix}"] = float(value)
+    return flat
+
+
+def _evaluate(lm: Any, bench: BenchmarkConfig, out_dir: Path, label: str) -> BenchmarkRun:
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable
+
+    include_path = resolve_include_path(bench.include_path)
+    started = time.perf_counter()
+    results = simple_evaluate(
+        model=lm,
+        tasks=list(bench.tasks),
+        num_fewshot=bench.num_fewshot,
+        limit=bench.limit,
+        log_samples=bench.log_samples,
+        task_manager=task_manager_for(bench.tasks, include_path),
+    )
+    seconds = time.perf_counter() - started
+    if results is None:  # only non-zero ranks of a distributed run get None; this runs single-process
+        raise RuntimeError("lm-eval returned no results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = results.pop("samples", None)
+    results_file = out_dir / f"{label}.{RESULTS_FILE}"
+    results_file.write_text(json.dumps(results, indent=2, ensure_ascii=False,
+                                       default=handle_non_serializable))
+    samples_file = None
+    if samples is not None:
+        samples_file = out_dir / f"{label}.{SAMPLES_FILE}"
+        with samples_file.open("w", encoding="utf-8") as fh:
+            for task, rows in samples.items():
+                for row in rows:
+                    fh.write(json.dumps({"task": task, **row}, ensure_ascii=False,
+                                        default=handle_non_serializable) + "\n")
+    return BenchmarkRun(metrics=flatten_results(results), results_file=str(results_file),
+                        samples_file=str(samples_file) if samples_file else None, seconds=seconds)
+
+
+def run_benchmarks(model: torch.nn.Module, tokenizer: Any, bench: BenchmarkConfig, out_dir: Path,
+                   label: str) -> BenchmarkRun:
+    """Run the configured tasks on an in-process model (a transformers model or a PEFT model over one).
+    `label` (e.g. `base`, `tuned`) names the output files."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bench.batch_size)
+    return _evaluate(lm, bench, out_dir, label)
+
+
+def completions_url(base_url: str) -> str:
+    """lm-eval's `local-completions` posts to the full endpoint; accept the server root or its /v1 too."""
+    url = base_url.rstrip("/")
+    if url.endswith("/completions"):
+        return url
+    return f"{url}/completions" if url.endswith("/v1") else f"{url}/v1/completions"
+
+
+def served_model_args(base_url: str, model_name: str, tokenizer: str, bench: BenchmarkConfig,
+                      *, api_key: str | None = None, max_length: int | None = None) -> dict[str, Any]:
+    """Arguments of lm-eval's `local-completions` model for a vLLM (OpenAI-compatible) server.
+
+    `model_name` is the served name (e.g. `tiny-ko-v3` for one adapter version); `tokenizer` a local
+    tokenizer folder (the adapter's), which loglikelihood scoring needs to split context and continuation the
+    way HFLM does. Requests are sent as token ids so the server scores exactly those tokens.
+    """
+    args: dict[str, Any] = {
+        "model": model_name,
+        "base_url": completions_url(base_url),
+        "tokenizer": tokenizer,
+        "tokenizer_backend": "huggingface",
+        "tokenized_requests": True,
+        "batch_size": bench.batch_size,
+    }
+    if max_length is not None:
+        args["max_length"] = max_length
+    if api_key:
+        args["header"] = {"Authorization": f"Bearer {api_key}"}
+    return args
+
+
+def run_benchmarks_served(base_url: str, model_name: str, tokenizer: str, bench: BenchmarkConfig,
+                          out_dir: Path, *, api_key: str | None = None,
+                          max_length: int | None = None) -> BenchmarkRun:
+    """Run the configured tasks against a model served on an OpenAI-compatible API (`local-completions`);
+    output files are named after the served model."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(**served_model_args(base_url, model_name, tokenizer, bench,
+                                                 api_key=api_key, max_length=max_length))
+    return _evaluate(lm, bench, out_dir, model_name)

@@ -1,0 +1,122 @@
+"""format_chat: render each conversation with the chat template and tokenize it with an assistant-only mask.
+
+The mask comes from the template's `{% generation %}` markers. Every assistant turn must end with the
+end-of-turn token inside the mask: a model never trained on its closing `<|im_end|>` never learns to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from datasets import DatasetDict, load_from_disk
+
+from loraflow.config.model import ModelConfig
+from loraflow.config.training import TrainingConfig
+from loraflow.hashing import code_sha, sha_of, sha_of_text
+from loraflow.modeling import load_tokenizer
+from loraflow.results import ChatResult, DatasetResult
+from loraflow.steps import write_json
+from loraflow.templates import load_template
+
+log = logging.getLogger(__name__)
+
+END_OF_TURN = "<|im_end|>"
+
+
+class ChatFormatError(ValueError):
+    """The template does not produce a usable assistant mask."""
+
+
+def template_sha(model: ModelConfig) -> str:
+    return sha_of_text(load_template(model.chat_template))
+
+
+def chat_key(dataset: DatasetResult, model: ModelConfig, training: TrainingConfig) -> str:
+    return sha_of(dataset.dataset_sha, model.base, model.revision, template_sha(model), training.max_length,
+                  code_sha(sys.modules[__name__]))[:16]
+
+
+def assistant_spans(mask: list[int]) -> list[tuple[int, int]]:
+    """[start, end) index ranges of consecutive 1s."""
+    spans, start = [], None
+    for index, bit in enumerate([*mask, 0]):
+        if bit and start is None:
+            start = index
+        elif not bit and start is not None:
+            spans.append((start, index))
+            start = None
+    return spans
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], end_of_turn_id: int) -> dict[str, Any]:
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    spans = assistant_spans(mask)
+    turns = sum(1 for m in messages if m["role"] == "assistant")
+    if len(spans) != turns:
+        raise ChatFormatError(f"template marks {len(spans)} assistant spans for {turns} assistant turns; "
+                              "does it wrap replies in {% generation %}?")
+    for _, end in spans:
+        if ids[end - 1] != end_of_turn_id:
+            raise ChatFormatError(f"an assistant span ends with token {ids[end - 1]}, not {END_OF_TURN}; the "
+                                  "model would never learn to stop")
+    return {"input_ids": ids, "assistant_masks": mask, "length": len(ids), "labeled": sum(mask)}
+
+
+def _length_histogram(lengths: list[int], max_length: int, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(lengths, bins=40, color="#4c72b0")
+    ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"max_length={max_length}")
+    ax.set_xlabel("tokens per conversation")
+    ax.set_ylabel("conversations")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingConfig, out_dir: Path,
+                key: str) -> ChatResult:
+    tokenizer = load_tokenizer(model)
+    end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if end_of_turn_id is None or end_of_turn_id == tokenizer.unk_token_id:
+        raise ChatFormatError(f"model.base: tokenizer has no {END_OF_TURN} token")
+    splits = load_from_disk(dataset.dataset_dir)
+    tokenized = splits.map(
+        lambda row: tokenize_conversation(tokenizer, row["messages"], end_of_turn_id),
+        remove_columns=["messages"],
+        desc="applying chat template",
+    )
+    kept = tokenized.filter(lambda row: row["length"] <= training.max_length, desc="dropping over-length rows")
+    dropped = {name: len(tokenized[name]) - len(kept[name]) for name in tokenized}
+    if len(kept["train"]) == 0 or len(kept["eval"]) == 0:
+        raise ChatFormatError(f"training.max_length={training.max_length}: every row of a split is longer")
+    DatasetDict({name: kept[name].remove_columns(["length", "labeled"]) for name in kept}).save_to_disk(
+        str(out_dir / "tokenized")
+    )
+    lengths = list(tokenized["train"]["length"]) + list(tokenized["eval"]["length"])
+    _length_histogram(lengths, training.max_length, out_dir / "token_lengths.png")
+    stats = {
+        "train_rows": len(kept["train"]),
+        "eval_rows": len(kept["eval"]),
+        "dropped_over_max_length": dropped,
+        "train_tokens": int(sum(kept["train"]["length"])),
+        "train_assistant_tokens": int(sum(kept["train"]["labeled"])),
+        "length_mean": float(np.mean(lengths)),
+        "length_p95": float(np.percentile(lengths, 95)),
+        "length_max": int(max(lengths)),
+    }
+    write_json(out_dir / "stats.json", stats)
+    log.info("chat: %s", stats)
+    return ChatResult(key=key, path=str(out_dir), dataset_sha=dataset.dataset_sha,
+                      template_sha=template_sha(model), stats=stats)

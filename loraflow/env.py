@@ -1,0 +1,23 @@
+"""Process defaults that keep every piece of state under LORAFLOW_HOME. Must run before `prefect` is imported."""
+
+from __future__ import annotations
+
+import os
+
+from loraflow import paths
+
+
+def configure_environment() -> None:
+    home = paths.home()
+    os.environ.setdefault("LORAFLOW_HOME", str(home))
+    prefect_home = os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    # Prefect 3.7 derives these from ~/.prefect, not from PREFECT_HOME: name them explicitly.
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(prefect_home, "storage"))
+    os.environ.setdefault("PREFECT_SERVER_MEMO_STORE_PATH", os.path.join(prefect_home, "memo_store.toml"))
+    os.environ.setdefault("HF_HOME", str(home / "cache" / "huggingface"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Prefect shows our plain functions' progress (logging) in the flow run logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraflow")
+    # No phoning home: these machines (and many clusters) have no internet.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")

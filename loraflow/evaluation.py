@@ -1,0 +1,68 @@
+"""evaluate: the base and base + adapter measured side by side on the same held-out data and benchmarks.
+
+Metric names are `base/<name>` and `tuned/<name>` (e.g. `tuned/perplexity`, `base/kobest_boolq/acc`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from datasets import load_from_disk
+from peft import PeftModel
+
+from loraflow import benchmarks
+from loraflow.comparison import TABLE_FILE, write_comparison
+from loraflow.config.evaluation import EvalConfig
+from loraflow.config.lora import QuantizationConfig
+from loraflow.config.model import ModelConfig
+from loraflow.hashing import code_sha, sha_of
+from loraflow.modeling import load_base_model, load_tokenizer
+from loraflow.perplexity import assistant_perplexity
+from loraflow.results import ChatResult, EvalResult, TrainResult
+from loraflow.steps import write_json
+from loraflow.tiny import kobest
+
+log = logging.getLogger(__name__)
+
+
+def eval_key(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: QuantizationConfig,
+             evaluation: EvalConfig) -> str:
+    return sha_of(chat.key, trained.adapter_sha, model, quant, evaluation,
+                  code_sha(sys.modules[__name__], benchmarks, kobest))[:16]
+
+
+def _measure(label: str, measured, held_out, tokenizer, evaluation: EvalConfig, out_dir: Path,
+             metrics: dict[str, float], files: list[str]) -> None:
+    """Adds `<label>/...` metrics (perplexity, benchmarks) of one model."""
+    if evaluation.perplexity.enabled:
+        scores = assistant_perplexity(measured, held_out, pad_id=tokenizer.pad_token_id,
+                                      batch_size=evaluation.perplexity.batch_size,
+                                      max_rows=evaluation.perplexity.max_rows)
+        metrics[f"{label}/perplexity"] = scores["perplexity"]
+        metrics[f"{label}/nll"] = scores["nll"]
+        metrics["eval/assistant_tokens"] = scores["tokens"]
+    if evaluation.benchmarks.tasks:
+        run = benchmarks.run_benchmarks(measured, tokenizer, evaluation.benchmarks, out_dir / "lm_eval", label)
+        metrics.update({f"{label}/{name}": value for name, value in run.metrics.items()})
+        metrics[f"eval/{label}_benchmark_seconds"] = run.seconds
+        files += [f for f in (run.results_file, run.samples_file) if f]
+
+
+def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: QuantizationConfig,
+             evaluation: EvalConfig, out_dir: Path, key: str) -> EvalResult:
+    metrics: dict[str, float] = {}
+    files: list[str] = []
+    tokenizer = load_tokenizer(model)
+    held_out = load_from_disk(chat.tokenized_dir)["eval"]
+    # The base is loaded exactly as it was trained (4-bit for QLoRA) and measured first: wrapping it with the
+    # adapter modifies it in place.
+    base = load_base_model(model, quant, quantized=True)
+    _measure("base", base, held_out, tokenizer, evaluation, out_dir, metrics, files)
+    tuned = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
+    _measure("tuned", tuned, held_out, tokenizer, evaluation, out_dir, metrics, files)
+    write_json(out_dir / "metrics.json", metrics)
+    artifacts = [str(out_dir / "metrics.json"), *files, *(str(p) for p in write_comparison(metrics, out_dir))]
+    log.info("evaluate:\n%s", (out_dir / TABLE_FILE).read_text())
+    return EvalResult(key=key, path=str(out_dir), metrics=metrics, artifacts=artifacts)

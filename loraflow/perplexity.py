@@ -1,0 +1,48 @@
+"""Token-weighted perplexity over the assistant tokens of a tokenized split (what SFT optimises)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+
+def _batches(data: Dataset, batch_size: int, pad_id: int):
+    for start in range(0, len(data), batch_size):
+        rows = data[start : start + batch_size]
+        width = max(len(ids) for ids in rows["input_ids"])
+        ids = torch.full((len(rows["input_ids"]), width), pad_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        attention = torch.zeros_like(ids)
+        for i, (seq, mask) in enumerate(zip(rows["input_ids"], rows["assistant_masks"], strict=True)):
+            n = len(seq)
+            ids[i, :n] = torch.tensor(seq)
+            attention[i, :n] = 1
+            labels[i, :n] = torch.where(torch.tensor(mask, dtype=torch.bool), torch.tensor(seq), -100)
+        yield ids, attention, labels
+
+
+@torch.no_grad()
+def assistant_perplexity(model: torch.nn.Module, data: Dataset, *, pad_id: int, batch_size: int = 4,
+                         max_rows: int | None = None) -> dict[str, float]:
+    """Sum of next-token NLL over assistant tokens / their count, exponentiated (not a mean of per-row ppl)."""
+    if max_rows is not None:
+        data = data.select(range(min(max_rows, len(data))))
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for ids, attention, labels in tqdm(_batches(data, batch_size, pad_id), desc="perplexity",
+                                       total=math.ceil(len(data) / batch_size), mininterval=5):
+        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
+        shifted_logits = logits[:, :-1].reshape(-1, logits.size(-1))
+        shifted_labels = labels[:, 1:].reshape(-1).to(device)
+        nll = torch.nn.functional.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100,
+                                                reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((shifted_labels != -100).sum())
+    if total_tokens == 0:
+        raise ValueError("perplexity: the eval split has no assistant tokens")
+    mean_nll = total_nll / total_tokens
+    return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "tokens": float(total_tokens)}

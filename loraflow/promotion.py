@@ -1,0 +1,229 @@
+"""promote: the gate between a registered adapter version and the aliases that serve it.
+
+A version that passes the job's policy (against the base and the current champion) gets alias `challenger`,
+or `champion` when the policy says `auto_champion`; a failing version keeps no alias. The decision and its
+reasons are recorded on the version (tags `promotion.*` and its description). One decision per version: a
+rerun on an already decided version changes nothing, so a rerun never undoes a person's alias change.
+
+Nothing here takes `champion` away from a version except `rollback`, which a person runs:
+
+    python -m loraflow.promotion rollback --model tiny-ko --version 3
+    python -m loraflow.promotion show --model tiny-ko
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from pydantic import BaseModel, ConfigDict
+
+from loraflow import paths
+from loraflow.config.promotion import PromotionConfig
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+REJECTED = "rejected"
+TAG_DECISION = "promotion.decision"  # champion | challenger | rejected
+TAG_REASONS = "promotion.reasons"
+TAG_COMPARED_WITH = "promotion.compared_with"  # the champion version at decision time, or "none"
+TAG_ROLLBACK = "promotion.rollback"
+TAG_VALUE_LIMIT = 5000  # MLflow's bound on a model version tag value
+# Metrics are floats logged and read back; a gain equal to the bound must pass despite rounding.
+EPSILON = 1e-9
+
+
+class PromotionDecision(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model_name: str
+    version: str
+    passed: bool
+    alias: str | None  # the alias this decision gave the version
+    compared_with: str | None  # champion version compared against
+    reasons: list[str]
+    decided_now: bool  # False: the version had been decided before; nothing changed
+
+
+class RollbackRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model_name: str
+    champion: str
+    previous_champion: str | None
+
+
+def judge(policy: PromotionConfig, metrics: dict[str, float], champion: dict[str, float] | None,
+          champion_label: str = "champion") -> tuple[bool, list[str]]:
+    """Apply the policy. `metrics` are the candidate's (`base/...`, `tuned/...`); `champion` the champion's,
+    or None when there is none. Returns (passed, one line per check starting `pass:`, `fail:` or `note:`)."""
+    reasons: list[str] = []
+
+    def check(ok: bool, text: str) -> None:
+        reasons.append(f"{'pass' if ok else 'fail'}: {text}")
+
+    for req in policy.require:
+        tuned = metrics.get(f"tuned/{req.metric}")
+        if tuned is None:
+            check(False, f"tuned/{req.metric} was not measured")
+            continue
+        sign = 1.0 if req.higher_is_better else -1.0
+        sides = [("base", metrics.get(f"base/{req.metric}"), req.min_gain_over_base)]
+        if champion is not None:
+            sides.append((champion_label, champion.get(f"tuned/{req.metric}"), req.min_gain_over_champion))
+        for side, reference, min_gain in sides:
+            if min_gain is None:
+                continue
+            if reference is None:
+                if side == "base":
+                    check(False, f"base/{req.metric} was not measured")
+                else:  # e.g. a task added to the config after the champion was evaluated
+                    reasons.append(f"note: {side} has no {req.metric}; not compared")
+                continue
+            gain = sign * (tuned - reference)
+            check(gain >= min_gain - EPSILON, f"{req.metric} {tuned:.4g} vs {side} {reference:.4g}: "
+                                              f"gain {gain:+.4g}, need >= {min_gain:+.4g}")
+
+    bound = policy.max_perplexity_regression
+    tuned_ppl = metrics.get("tuned/perplexity")
+    if bound is not None and tuned_ppl is not None:
+        references = [("base", metrics.get("base/perplexity"))]
+        if champion is not None:
+            references.append((champion_label, champion.get("tuned/perplexity")))
+        for side, reference in references:
+            if reference is not None:
+                limit = reference * (1 + bound)
+                check(tuned_ppl <= limit + EPSILON,
+                      f"perplexity {tuned_ppl:.4g} vs {side} {reference:.4g}: at most {limit:.4g} allowed")
+    passed = not any(line.startswith("fail:") for line in reasons)
+    if not reasons:
+        reasons.append("note: the policy has no checks")
+    return passed, reasons
+
+
+def champion_version(client: MlflowClient, model_name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def version_metrics(client: MlflowClient, version: ModelVersion) -> dict[str, float] | None:
+    """The metrics of the run that registered a version; None when the run is gone."""
+    if not version.run_id:
+        return None
+    try:
+        return dict(client.get_run(version.run_id).data.metrics)
+    except MlflowException:
+        return None
+
+
+def _recorded(version: ModelVersion) -> PromotionDecision:
+    decision = version.tags[TAG_DECISION]
+    compared = version.tags.get(TAG_COMPARED_WITH, "none")
+    return PromotionDecision(
+        model_name=version.name, version=str(version.version), passed=decision != REJECTED,
+        alias=None if decision == REJECTED else decision,
+        compared_with=None if compared == "none" else compared,
+        reasons=version.tags.get(TAG_REASONS, "").splitlines(), decided_now=False)
+
+
+def _describe(previous: str | None, decision: str, reasons: list[str]) -> str:
+    # Replace an earlier promotion section (none expected) but keep what the register step wrote.
+    kept = (previous or "").split("\n\nPromotion:")[0].rstrip()
+    section = f"Promotion: {decision}\n" + "\n".join(f"- {line}" for line in reasons)
+    return f"{kept}\n\n{section}" if kept else section
+
+
+def promote(client: MlflowClient, model_name: str, version: str | int, metrics: dict[str, float],
+            policy: PromotionConfig) -> PromotionDecision:
+    """Decide on a freshly registered version and record the decision on it (see the module doc)."""
+    candidate = client.get_model_version(model_name, str(version))
+    if TAG_DECISION in candidate.tags:
+        return _recorded(candidate)
+    number = str(candidate.version)  # the registry returns versions as ints, takes and shows strings
+    champion = champion_version(client, model_name)
+    champion_number = str(champion.version) if champion is not None else None
+    if champion_number == number:
+        passed, reasons, alias = True, ["note: already champion (set before the gate ran)"], CHAMPION
+    else:
+        champion_metrics = None
+        label = "champion"
+        if champion is not None:
+            label = f"champion v{champion_number}"
+            champion_metrics = version_metrics(client, champion)
+            if champion_metrics is None:
+                champion_metrics = {}
+                label += " (run not found)"
+        passed, reasons = judge(policy, metrics, champion_metrics, label)
+        alias = (CHAMPION if policy.auto_champion else CHALLENGER) if passed else None
+        if alias is not None:
+            client.set_registered_model_alias(model_name, alias, number)
+    decision = alias or REJECTED
+    compared_with = champion_number if champion_number != number else None
+    tags = {TAG_DECISION: decision, TAG_REASONS: "\n".join(reasons)[:TAG_VALUE_LIMIT],
+            TAG_COMPARED_WITH: compared_with or "none"}
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, number, key, value)
+    description = _describe(candidate.description, decision, reasons)
+    client.update_model_version(model_name, number, description=description)
+    return PromotionDecision(model_name=model_name, version=number, passed=passed,
+                             alias=alias, compared_with=compared_with, reasons=reasons, decided_now=True)
+
+
+def rollback(client: MlflowClient, model_name: str, version: str | int) -> RollbackRecord:
+    """Move `champion` to an existing version (a person's decision); the move is tagged on that version."""
+    target = client.get_model_version(model_name, str(version))  # fails clearly for an unknown version
+    number = str(target.version)
+    previous = champion_version(client, model_name)
+    previous_version = str(previous.version) if previous is not None else None
+    client.set_registered_model_alias(model_name, CHAMPION, number)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    client.set_model_version_tag(model_name, number, TAG_ROLLBACK,
+                                 f"champion moved here from v{previous_version or 'none'} at {stamp}")
+    return RollbackRecord(model_name=model_name, champion=number, previous_champion=previous_version)
+
+
+def describe_versions(client: MlflowClient, model_name: str) -> list[str]:
+    """One line per version: aliases and the recorded decision."""
+    lines = []
+    for found in client.search_model_versions(f"name='{model_name}'"):
+        full = client.get_model_version(model_name, found.version)  # search results omit aliases
+        aliases = ",".join(full.aliases) or "-"
+        lines.append(f"v{full.version}\taliases={aliases}\tdecision={full.tags.get(TAG_DECISION, '-')}")
+    return sorted(lines, key=lambda line: int(line.split("\t")[0][1:]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loraflow.promotion",
+                                     description="Move or inspect the `champion` alias of a model.")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="default: MLFLOW_TRACKING_URI, else the store under LORAFLOW_HOME")
+    commands = parser.add_subparsers(dest="command", required=True)
+    back = commands.add_parser("rollback", help="make an existing version the champion")
+    back.add_argument("--model", required=True)
+    back.add_argument("--version", required=True)
+    show = commands.add_parser("show", help="list versions with their aliases and promotion decisions")
+    show.add_argument("--model", required=True)
+    args = parser.parse_args(argv)
+
+    uri = args.tracking_uri or paths.default_tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        if args.command == "rollback":
+            record = rollback(client, args.model, args.version)
+            print(f"{record.model_name}: champion v{record.previous_champion or '-'} -> v{record.champion}")
+        else:
+            print("\n".join(describe_versions(client, args.model)))
+    except MlflowException as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""register: one MLflow run per training (params, config, loss curve, metrics, artifacts) and the adapter
+directory registered as a new version of the job's registered model, tagged with its lineage.
+
+Idempotent: a version carrying the same `loraflow.run_key` is reused, so a cached rerun registers nothing new.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+import loraflow
+from loraflow import paths
+from loraflow.config.job import JobConfig
+from loraflow.config.registry import RegistryConfig
+from loraflow.hashing import sha_of, sha_of_files
+from loraflow.results import ChatResult, DatasetResult, EvalResult, RegisteredVersion, TrainResult
+
+log = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "loraflow.run_key"
+
+
+def tracking_uri(registry: RegistryConfig) -> str:
+    return registry.tracking_uri or paths.default_tracking_uri()
+
+
+def client_for(registry: RegistryConfig) -> MlflowClient:
+    uri = tracking_uri(registry)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:"):
+        # An embedded store keeps artifacts beside it under LORAFLOW_HOME, not in ./mlruns.
+        location = (paths.default_artifact_root() / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def code_version() -> str:
+    """The git commit (with `-dirty`) when run from a checkout, else the package version + source hash."""
+    root = Path(loraflow.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        if commit:
+            return commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    sources = sorted(Path(loraflow.__file__).resolve().parent.rglob("*.py"))
+    return f"{loraflow.__version__}+{sha_of_files(sources)[:12]}"
+
+
+def config_sha(job: JobConfig) -> str:
+    return sha_of(job)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value, ensure_ascii=False) if isinstance(value, list) else str(value)
+    return flat
+
+
+def loss_curve(history: list[dict[str, Any]], path: Path) -> None:
+    points = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry and "step" in entry]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if points:
+        steps, losses = zip(*points, strict=True)
+        ax.plot(steps, losses, marker=".", color="#4c72b0")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (assistant tokens)")
+    ax.set_title("SFT loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def find_version(client: MlflowClient, model_name: str, run_key: str):
+    try:
+        versions = client.search_model_versions(f"name='{model_name}' and tags.`{RUN_KEY_TAG}`='{run_key}'")
+    except Exception:
+        return None
+    return versions[0] if versions else None
+
+
+def register_adapter(
+    job: JobConfig,
+    config_path: str,
+    dataset: DatasetResult,
+    chat: ChatResult,
+    trained: TrainResult,
+    evaluated: EvalResult,
+    *,
+    flow_run_id: str = "",
+    extra_tags: dict[str, str] | None = None,
+    extra_artifacts: list[str] | None = None,
+) -> RegisteredVersion:
+    client = client_for(job.registry)
+    name = job.registry.model_name
+    run_key = sha_of(trained.key, evaluated.key)[:16]
+    existing = find_version(client, name, run_key)
+    if existing is not None:
+        log.info("register: %s version %s already holds this adapter and these metrics", name, existing.version)
+        return RegisteredVersion(model_name=name, version=str(existing.version), run_id=existing.run_id,
+                                 source=existing.source, created=False)
+
+    lineage = {
+        "dataset_sha": dataset.dataset_sha,
+        "template_sha": chat.template_sha,
+        "base_model": job.model.base,
+        "base_revision": job.model.revision or "main",
+        "config_sha": config_sha(job),
+        "code_version": code_version(),
+        "flow_run_id": flow_run_id,
+        "adapter_sha": trained.adapter_sha,
+        RUN_KEY_TAG: run_key,
+        **(extra_tags or {}),
+    }
+    experiment_id = ensure_experiment(client, job.registry.experiment or job.name)
+    run = client.create_run(experiment_id, tags={**lineage, "mlflow.runName": f"{job.name}-{run_key[:8]}"})
+    run_id = run.info.run_id
+    try:
+        params = [Param(k, v[:6000]) for k, v in flatten(job.model_dump(mode="json")).items()]
+        client.log_batch(run_id, params=params)
+        history = json.loads(Path(trained.log_history).read_text())
+        metrics = [Metric(f"train/{k}", float(v), 0, 0) for k, v in trained.metrics.items()]
+        metrics += [Metric("train/loss", float(e["loss"]), 0, int(e["step"])) for e in history if "loss" in e]
+        metrics += [Metric(k, float(v), 0, 0) for k, v in evaluated.metrics.items()]
+        for start in range(0, len(metrics), 900):
+            client.log_batch(run_id, metrics=metrics[start : start + 900])
+        with tempfile.TemporaryDirectory() as scratch:
+            work = Path(scratch)
+            (work / "job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), allow_unicode=True,
+                                                          sort_keys=False))
+            loss_curve(history, work / "loss_curve.png")
+            client.log_artifact(run_id, str(work / "job.yaml"), "config")
+            client.log_artifact(run_id, str(work / "loss_curve.png"), "plots")
+        client.log_artifact(run_id, config_path, "config")
+        for file in ("stats.json", "rejected.jsonl"):
+            client.log_artifact(run_id, str(Path(dataset.path) / file), "data")
+        client.log_artifact(run_id, str(Path(chat.path) / "stats.json"), "data/chat")
+        client.log_artifact(run_id, str(Path(chat.path) / "token_lengths.png"), "plots")
+        client.log_artifact(run_id, trained.log_history, "train")
+        for file in [*evaluated.artifacts, *(extra_artifacts or [])]:
+            client.log_artifact(run_id, file, "eval")
+        client.log_artifacts(run_id, trained.adapter_dir, "adapter")
+        if name not in {m.name for m in client.search_registered_models(f"name='{name}'")}:
+            client.create_registered_model(name, description=f"LoRA adapters of job {job.name} on {job.model.base}")
+        source = f"{run.info.artifact_uri}/adapter"
+        version = client.create_model_version(name, source=source, run_id=run_id, tags=lineage,
+                                              description=_describe(evaluated.metrics))
+        client.set_terminated(run_id, "FINISHED")
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    log.info("register: %s version %s from run %s", name, version.version, run_id)
+    return RegisteredVersion(model_name=name, version=str(version.version), run_id=run_id, source=source,
+                             created=True)
+
+
+def _describe(metrics: dict[str, float]) -> str:
+    base, tuned = metrics.get("base/perplexity"), metrics.get("tuned/perplexity")
+    if base is None or tuned is None:
+        return "LoRA adapter registered by loraflow."
+    return f"LoRA adapter registered by loraflow. Held-out assistant perplexity {base:.3f} -> {tuned:.3f}."

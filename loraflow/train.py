@@ -1,0 +1,148 @@
+"""train: QLoRA (or plain LoRA) SFT with TRL's SFTTrainer on the tokenized conversations.
+
+Checkpoints go to the step's own content-addressed directory, so a rerun after a crash with the same inputs
+finds them and resumes from the last one instead of starting over.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+from datasets import load_from_disk
+from peft import LoraConfig
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from loraflow.config.lora import LoraSettings, QuantizationConfig
+from loraflow.config.model import ModelConfig
+from loraflow.config.training import TrainingConfig
+from loraflow.hashing import code_sha, sha_of, sha_of_files
+from loraflow.modeling import device_for, dtype_for, load_base_model, load_tokenizer
+from loraflow.results import ChatResult, TrainResult
+from loraflow.steps import write_json
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def train_key(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
+              training: TrainingConfig) -> str:
+    return sha_of(chat.key, model, lora, quant, training, code_sha(sys.modules[__name__]))[:16]
+
+
+def peft_config(lora: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -> SFTConfig:
+    device = device_for(model)
+    dtype = dtype_for(model.dtype, device)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_steps,
+        weight_decay=training.weight_decay,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        gradient_checkpointing=training.gradient_checkpointing,
+        optim=training.optim,
+        max_length=training.max_length,
+        packing=training.packing,
+        logging_steps=training.logging_steps,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        seed=training.seed,
+        data_seed=training.seed,
+        report_to=training.report_to,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda" and dtype == "bfloat16",
+        fp16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+class StepTimer(TrainerCallback):
+    """Counts the optimizer steps and wall time of this process (not of a resumed predecessor)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint the Trainer finished writing (`trainer_state.json` is written last): a process
+    killed while saving leaves a partial directory that must not be resumed from."""
+    complete = [d for d in checkpoints.glob("checkpoint-*") if (d / "trainer_state.json").is_file()]
+    return max(complete, key=lambda d: int(d.name.rsplit("-", 1)[1]), default=None)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_adapter(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
+                  training: TrainingConfig, out_dir: Path, key: str) -> TrainResult:
+    tokenizer = load_tokenizer(model)
+    data = load_from_disk(chat.tokenized_dir)
+    base = load_base_model(model, quant, quantized=True)
+    checkpoints = out_dir / "checkpoints"
+    resume_from = last_complete_checkpoint(checkpoints)
+    if resume_from:
+        log.info("resuming training from %s", resume_from)
+    timer = StepTimer()
+    trainer = SFTTrainer(
+        model=base,
+        args=sft_config(training, model, checkpoints),
+        train_dataset=data["train"],
+        processing_class=tokenizer,
+        peft_config=peft_config(lora),
+        callbacks=[timer],
+    )
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    elapsed = time.perf_counter() - timer.started
+
+    adapter_dir = out_dir / "adapter"
+    trainer.model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    history = trainer.state.log_history
+    write_json(out_dir / "log_history.json", history)
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    tokens_per_step = chat.stats["train_tokens"] / max(1, len(data["train"])) * training.batch_size * \
+        training.gradient_accumulation_steps
+    metrics = {
+        "train_loss": float(output.training_loss),
+        "first_logged_loss": float(losses[0]) if losses else float("nan"),
+        "last_logged_loss": float(losses[-1]) if losses else float("nan"),
+        "global_steps": float(trainer.state.global_step),
+        "steps_this_process": float(timer.steps),
+        "resumed_from_step": float(resume_from.name.rsplit("-", 1)[1]) if resume_from else 0.0,
+        "train_seconds": elapsed,
+        "train_tokens_per_second": timer.steps * tokens_per_step / elapsed if elapsed > 0 else 0.0,
+        "peak_rss_mb": peak_rss_mb(),
+        "trainable_params": float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
+        "adapter_bytes": float(sum((adapter_dir / f).stat().st_size for f in ADAPTER_FILES)),
+    }
+    write_json(out_dir / "train_metrics.json", metrics)
+    log.info("train: %s", metrics)
+    adapter_sha = sha_of_files([adapter_dir / f for f in ADAPTER_FILES], root=adapter_dir)
+    return TrainResult(key=key, path=str(out_dir), adapter_sha=adapter_sha, metrics=metrics)

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from loraflow.config import ConfigError, load_config
+from loraflow.config.loader import apply_overrides, read_yaml
+
+
+def test_shipped_configs_validate():
+    tiny = load_config("configs/tiny-ko.yaml")
+    qwen = load_config("configs/qwen-ko.yaml")
+    assert tiny.model.is_embedded and tiny.quantization.method == "nf4"
+    assert qwen.model.base == "Qwen/Qwen2.5-7B-Instruct"
+    assert (qwen.lora.r, qwen.lora.alpha, qwen.lora.dropout) == (16, 32, 0.05)
+    assert qwen.quantization.double_quant and qwen.quantization.compute_dtype == "bfloat16"
+    assert set(qwen.lora.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+
+
+def test_unknown_key_and_bad_value_name_the_field_path():
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/tiny-ko.yaml", {"lora.rank": 8, "training.learning_rate": -1})
+    message = str(error.value)
+    assert "configs/tiny-ko.yaml" in message
+    assert "lora.rank: unknown key" in message
+    assert "training.learning_rate: Input should be greater than 0" in message
+
+
+def test_nested_source_error_names_the_list_index(tmp_path: Path):
+    raw = read_yaml("configs/tiny-ko.yaml")
+    raw["data"]["sources"][1] = {"path": "x.jsonl", "hub_id": "a/b"}
+    bad = tmp_path / "bad.yaml"
+    import yaml
+
+    bad.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    with pytest.raises(
+        ConfigError, match=r"data\.sources\.1: Value error, set exactly one of `path` or `hub_id`"
+    ):
+        load_config(bad)
+
+
+def test_overrides_merge_dotted_and_nested():
+    job = load_config("configs/tiny-ko.yaml", {"training.epochs": 3, "lora": {"r": 8}})
+    assert job.training.epochs == 3 and job.lora.r == 8 and job.lora.alpha == 32
+    raw = {"a": {"b": 1, "c": 2}}
+    assert apply_overrides(raw, {"a.b": 5}) == {"a": {"b": 5, "c": 2}}
+    assert raw == {"a": {"b": 1, "c": 2}}  # the input is not mutated
+
+
+def test_missing_file_and_non_mapping_yaml(tmp_path: Path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listing)
+
+
+def test_field_mapping_requires_prompt_and_response_together():
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.fields: Value error, `prompt` and `response`"):
+        load_config(
+            "configs/tiny-ko.yaml", {"data.sources": [{"path": "a.jsonl", "fields": {"prompt": "q"}}]}
+        )

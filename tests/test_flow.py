@@ -1,0 +1,65 @@
+import time
+
+from mlflow import MlflowClient
+
+from flows.finetune import finetune
+from loraflow import paths
+from tests.conftest import TINY_CONFIG, TINY_OVERRIDES
+
+LINEAGE = (
+    "dataset_sha",
+    "template_sha",
+    "base_model",
+    "base_revision",
+    "config_sha",
+    "code_version",
+    "flow_run_id",
+)
+
+
+def _client(run: dict) -> MlflowClient:
+    return MlflowClient(tracking_uri=run["tracking_uri"], registry_uri=run["tracking_uri"])
+
+
+def test_cold_run_registers_a_version_with_lineage_and_metrics(finetune_run, step_results):
+    assert finetune_run["new_version"]
+    assert finetune_run["tracking_uri"].startswith(f"sqlite:///{paths.home()}")
+    client = _client(finetune_run)
+    version = client.get_model_version("tiny-ko", finetune_run["version"])
+    for tag in LINEAGE:
+        assert version.tags.get(tag), tag
+    assert version.tags["dataset_sha"] == step_results["dataset"].dataset_sha
+    assert version.tags["template_sha"] == step_results["chat"].template_sha
+    assert version.source.endswith("/adapter")
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["tuned/perplexity"] < run.data.metrics["base/perplexity"]
+    assert run.data.params["lora.r"] == "16"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "config", "plots", "data", "eval", "train"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/loss_curve.png" in plots
+    loss_history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(loss_history) >= 5 and loss_history[-1].value < loss_history[0].value
+
+
+def test_identical_rerun_is_cached_and_registers_no_new_version(finetune_run):
+    started = time.perf_counter()
+    again = finetune(config=TINY_CONFIG, overrides=TINY_OVERRIDES)
+    elapsed = time.perf_counter() - started
+    assert again["version"] == finetune_run["version"] and not again["new_version"]
+    assert again["metrics"] == finetune_run["metrics"]
+    client = _client(finetune_run)
+    assert len(client.search_model_versions("name='tiny-ko'")) == 1
+    assert elapsed < 60, f"cached rerun took {elapsed:.1f}s"
+
+
+def test_changing_a_lora_field_retrains_but_reuses_dataset_and_chat(finetune_run):
+    work = paths.work_dir()
+    before = {step: set(p.name for p in (work / step).iterdir()) for step in ("dataset", "chat", "train")}
+    changed = finetune(
+        config=TINY_CONFIG, overrides={**TINY_OVERRIDES, "lora.r": 8, "training.max_steps": 10}
+    )
+    after = {step: set(p.name for p in (work / step).iterdir()) for step in ("dataset", "chat", "train")}
+    assert after["dataset"] == before["dataset"] and after["chat"] == before["chat"]
+    assert len(after["train"] - before["train"]) == 1
+    assert changed["new_version"] and changed["version"] != finetune_run["version"]

@@ -1,0 +1,110 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+from peft import PeftConfig
+
+from loraflow.config import load_config
+from loraflow.config.lora import QuantizationConfig
+from loraflow.config.model import ModelConfig
+from loraflow.modeling import load_base_model
+from loraflow.results import TrainResult
+from loraflow.steps import run_step, step_dir
+from loraflow.train import train_adapter, train_key
+from tests.conftest import TINY_CONFIG
+
+
+def test_qlora_training_lowers_loss_and_saves_a_small_adapter(trained):
+    history = json.loads(Path(trained.log_history).read_text())
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert len(losses) >= 5
+    assert losses[-1] < 0.6 * losses[0], losses
+    config = PeftConfig.from_pretrained(trained.adapter_dir)
+    assert config.r == 16 and set(config.target_modules) >= {"q_proj", "down_proj"}
+    assert trained.metrics["adapter_bytes"] < 1_000_000
+    # the tokenizer travels with the adapter, carrying the template it was trained with
+    saved = json.loads((Path(trained.adapter_dir) / "tokenizer_config.json").read_text())
+    assert (
+        "{% generation %}" in saved.get("chat_template", "")
+        or (Path(trained.adapter_dir) / "chat_template.jinja").is_file()
+    )
+
+
+def test_base_is_loaded_in_4bit_with_the_cpu_repack_disabled(tiny_base_dir):
+    model = load_base_model(
+        ModelConfig(base="embedded:tiny-ko", device="cpu"), QuantizationConfig(method="nf4")
+    )
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # two layers x seven projections
+    assert all(layer.support_avx512bf16_for_cpu is False for layer in layers)
+    assert layers[0].weight.quant_type == "nf4"
+
+
+RESUME_OVERRIDES = {"training.max_steps": 40, "training.save_steps": 4, "training.logging_steps": 1}
+
+TRAIN_IN_CHILD = """
+import sys
+from loraflow.config import load_config
+from loraflow.results import ChatResult, TrainResult
+from loraflow.steps import run_step
+from loraflow.train import train_adapter, train_key
+chat = ChatResult.model_validate_json(open(sys.argv[1]).read())
+job = load_config(sys.argv[2], {overrides!r})
+key = train_key(chat, job.model, job.lora, job.quantization, job.training)
+run_step("train", key, TrainResult,
+         lambda out: train_adapter(chat, job.model, job.lora, job.quantization, job.training, out, key))
+"""
+
+
+def test_training_killed_mid_run_resumes_from_its_last_checkpoint(step_results, tmp_path):
+    chat = step_results["chat"]
+    job = load_config(TINY_CONFIG, RESUME_OVERRIDES)
+    key = train_key(chat, job.model, job.lora, job.quantization, job.training)
+    checkpoints = step_dir("train", key) / "checkpoints"
+    chat_file = tmp_path / "chat.json"
+    chat_file.write_text(chat.model_dump_json())
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            TRAIN_IN_CHILD.format(overrides=RESUME_OVERRIDES),
+            str(chat_file),
+            TINY_CONFIG,
+        ],
+        env=os.environ.copy(),
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "checkpoint-8" / "trainer_state.json").is_file():
+        assert child.poll() is None, "training process ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    os.killpg(child.pid, signal.SIGKILL)  # a crash, not a clean stop
+    child.wait()
+    assert not (step_dir("train", key) / "result.json").exists()
+
+    resumed = run_step(
+        "train",
+        key,
+        TrainResult,
+        lambda out: train_adapter(chat, job.model, job.lora, job.quantization, job.training, out, key),
+    )
+    assert resumed.metrics["resumed_from_step"] >= 8
+    assert resumed.metrics["global_steps"] == 40
+    assert resumed.metrics["steps_this_process"] == 40 - resumed.metrics["resumed_from_step"]
+    # log history continues the killed run's, step numbers never restart at 1
+    steps = [e["step"] for e in json.loads(Path(resumed.log_history).read_text()) if "loss" in e]
+    assert steps == sorted(steps) and steps[0] == 1 and len(set(steps)) == len(steps)
+
+
+def test_lora_targets_missing_from_the_model_fail_clearly(step_results, tmp_path):
+    chat = step_results["chat"]
+    job = load_config(TINY_CONFIG, {"lora.target_modules": ["not_a_module"], "training.max_steps": 1})
+    with pytest.raises(ValueError, match="not_a_module"):
+        train_adapter(chat, job.model, job.lora, job.quantization, job.training, tmp_path, "k")

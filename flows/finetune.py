@@ -1,4 +1,4 @@
-"""The `finetune` flow: dataset -> chat -> train -> evaluate -> register -> promote.
+"""The `finetune` flow: dataset -> chat -> train -> evaluate -> register -> promote -> merge -> deploy.
 
     python -m flows.finetune --config configs/tiny-ko.yaml [--set training.epochs=1 ...]
     prefect deployment run finetune/tiny-ko [--param overrides='{"training.epochs": 1}']
@@ -19,7 +19,9 @@ from loraflow.config import ConfigError, JobConfig, load_config
 from loraflow.registry import tracking_uri
 from tasks.chat import format_chat
 from tasks.dataset import build_dataset
+from tasks.deploy import deploy
 from tasks.evaluate import evaluate
+from tasks.merge import merge
 from tasks.promote import promote
 from tasks.register import register
 from tasks.train import train
@@ -39,6 +41,8 @@ def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | N
     evaluated = evaluate(chat, trained, job.model, job.quantization, job.eval)
     version = register(job, config, dataset, chat, trained, evaluated)
     decision = promote(job, version, evaluated)
+    merged = merge(job, trained, version)
+    served = deploy(job)
 
     logger.info("registered %s version %s (new: %s), alias: %s\n%s", version.model_name, version.version,
                 version.created, decision.alias or "none", comparison_table(evaluated.metrics))
@@ -52,6 +56,8 @@ def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | N
         "metrics": evaluated.metrics,
         "train": trained.metrics,
         "promotion": decision.model_dump(mode="json"),
+        "merged_dir": merged.merged_dir if merged else None,
+        "served_routes": served.routes if served else None,
     }
 
 

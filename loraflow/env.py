@@ -18,6 +18,8 @@ def configure_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Prefect shows our plain functions' progress (logging) in the flow run logs.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraflow")
+    # Prefect's temporary server (no PREFECT_API_URL) gets 20 s to start by default: too short on a busy 2-core box.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # No phoning home: these machines (and many clusters) have no internet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -124,6 +124,7 @@ def register_adapter(
     if existing is not None:
         log.info("register: %s version %s already holds this adapter and these metrics", name, existing.version)
         return RegisteredVersion(model_name=name, version=str(existing.version), run_id=existing.run_id,
+                                 experiment_id=client.get_run(existing.run_id).info.experiment_id,
                                  source=existing.source, created=False)
 
     lineage = {
@@ -176,8 +177,15 @@ def register_adapter(
         client.set_terminated(run_id, "FAILED")
         raise
     log.info("register: %s version %s from run %s", name, version.version, run_id)
-    return RegisteredVersion(model_name=name, version=str(version.version), run_id=run_id, source=source,
-                             created=True)
+    return RegisteredVersion(model_name=name, version=str(version.version), run_id=run_id,
+                             experiment_id=experiment_id, source=source, created=True)
+
+
+def attach_directory(registry: RegistryConfig, run_id: str, directory: str, artifact_path: str) -> None:
+    """Log a directory into a finished run once (a repeat finds it there and does nothing)."""
+    client = client_for(registry)
+    if not client.list_artifacts(run_id, artifact_path):
+        client.log_artifacts(run_id, directory, artifact_path)
 
 
 def _describe(metrics: dict[str, float]) -> str:

@@ -74,5 +74,6 @@ class RegisteredVersion(BaseModel):
     model_name: str
     version: str
     run_id: str
+    experiment_id: str
     source: str
     created: bool  # False when an identical version already existed (cached rerun)

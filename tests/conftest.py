@@ -38,8 +38,9 @@ from loraflow.config import JobConfig, load_config  # noqa: E402
 from loraflow.results import ChatResult, DatasetResult, EvalResult, TrainResult  # noqa: E402
 
 TINY_CONFIG = "configs/tiny-ko.yaml"
-# One epoch with frequent checkpoints: the whole suite trains this adapter once.
-TINY_OVERRIDES = {"training.epochs": 1, "training.save_steps": 20}
+# One epoch with frequent checkpoints: the whole suite trains this adapter once. Serving is tested with its own
+# vLLM processes (tests/test_serving.py), not by the session flow.
+TINY_OVERRIDES = {"training.epochs": 1, "training.save_steps": 20, "serving.enabled": False}
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +92,13 @@ def step_results(finetune_run: dict, tiny_config: JobConfig) -> dict:
 @pytest.fixture(scope="session")
 def trained(step_results: dict) -> TrainResult:
     return step_results["trained"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_ephemeral_server():
+    """Stop Prefect's temporary server while pytest's streams are open (its atexit stop logs to a closed one)."""
+    yield
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()

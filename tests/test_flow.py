@@ -35,11 +35,23 @@ def test_cold_run_registers_a_version_with_lineage_and_metrics(finetune_run, ste
     assert run.data.metrics["tuned/perplexity"] < run.data.metrics["base/perplexity"]
     assert run.data.params["lora.r"] == "16"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "config", "plots", "data", "eval", "train"} <= artifacts
+    assert {"adapter", "config", "plots", "data", "eval", "train", "merged"} <= artifacts
+    evals = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/comparison.md", "eval/comparison.png", "eval/base.lm_eval_results.json"} <= evals
+    for task in ("tiny_kobest_boolq", "tiny_kobest_copa", "tiny_kobest_hellaswag"):
+        assert f"base/{task}/acc" in run.data.metrics and f"tuned/{task}/acc" in run.data.metrics
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/loss_curve.png" in plots
     loss_history = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(loss_history) >= 5 and loss_history[-1].value < loss_history[0].value
+
+
+def test_auto_champion_policy_promotes_the_first_passing_version(finetune_run):
+    assert finetune_run["promotion"]["passed"], finetune_run["promotion"]["reasons"]
+    assert finetune_run["promotion"]["alias"] == "champion"
+    champion = _client(finetune_run).get_model_version_by_alias("tiny-ko", "champion")
+    assert str(champion.version) == finetune_run["version"]
+    assert champion.tags["promotion.decision"]
 
 
 def test_identical_rerun_is_cached_and_registers_no_new_version(finetune_run):

@@ -1,0 +1,202 @@
+"""Serving throughput on tiny-ko, measured in one run:
+
+* vLLM: base vs base + LoRA adapter vs the merged model (tokens/s, 32 concurrent chat requests, fixed output
+  length), i.e. the LoRA overhead and what merging buys back;
+* vLLM vs transformers `generate` (one batch of the same 32 prompts, greedy, same output length), for base and
+  for base + adapter (PEFT).
+
+    LORAFLOW_HOME=... .venv/bin/python bench/serving.py [--adapter DIR] [--tokens 64] [--readme FILE]
+
+Without --adapter a random r=16 all-linear adapter is made on the tiny base (throughput does not depend on
+the adapter learned). Both servers run with dtype float32 on CPU, one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loraflow.config import load_config  # noqa: E402
+from loraflow.config.model import ModelConfig  # noqa: E402
+from loraflow.config.serving import MergeConfig  # noqa: E402
+from loraflow.merge import merge_adapter  # noqa: E402
+from loraflow.serving.vllm_server import VllmLaunch, adapter_rank, vllm_lora_rank, vllm_process  # noqa: E402
+from loraflow.templates import load_template  # noqa: E402
+from loraflow.tiny.base import tiny_ko_dir  # noqa: E402
+from tests.serving_fixtures import ALL_LINEAR, free_port, make_adapter  # noqa: E402
+
+CONCURRENCY = 32
+PROMPTS = [f"대한민국 헌법 제{i}조의 내용을 설명해 주세요." for i in range(1, CONCURRENCY + 1)]
+
+
+async def _one(client: httpx.AsyncClient, model: str, prompt: str, tokens: int) -> int:
+    reply = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )  # fixed output length: every variant decodes the same count
+    reply.raise_for_status()
+    return reply.json()["usage"]["completion_tokens"]
+
+
+async def _burst(url: str, model: str, tokens: int) -> float:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await _one(client, model, PROMPTS[0], 4)  # warm-up
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(_one(client, model, p, tokens) for p in PROMPTS))
+        return sum(counts) / (time.perf_counter() - start)
+
+
+def served_throughput(
+    model_dir: str, models: dict[str, str | None], tokens: int, state: Path, enable_lora: bool, rank: int
+) -> dict[str, float]:
+    """tokens/s per label; `models` maps label -> adapter dir (None = the base itself)."""
+    job = load_config(
+        ROOT / "configs" / "tiny-ko.yaml", {"serving.vllm_port": free_port(), "serving.max_model_len": 512}
+    )
+    state.mkdir(parents=True, exist_ok=True)
+    template = state / "chat_template.jinja"
+    template.write_text(load_template("qwen2.5"))
+    launch = VllmLaunch(
+        base=model_dir,
+        revision=None,
+        served_base_name="bench-base",
+        chat_template=template,
+        dtype="float32",
+        max_lora_rank=rank,
+        enable_lora=enable_lora,
+    )
+    server = vllm_process(job.serving, launch, state).start()
+    url = f"http://127.0.0.1:{job.serving.vllm_port}"
+    try:
+        server.wait_healthy(job.serving.startup_timeout_s)
+        results = {}
+        for label, adapter in models.items():
+            name = "bench-base"
+            if adapter is not None:
+                name = label
+                httpx.post(
+                    f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": adapter}, timeout=120
+                ).raise_for_status()
+            results[label] = asyncio.run(_burst(url, name, tokens))
+        return results
+    finally:
+        server.stop()
+
+
+def generate_throughput(model: torch.nn.Module, tokenizer, tokens: int) -> float:
+    tokenizer.padding_side = "left"
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in PROMPTS
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        model.generate(**{k: v[:1] for k, v in batch.items()}, max_new_tokens=4, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(
+            **batch,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        elapsed = time.perf_counter() - start
+    return (out.shape[1] - batch["input_ids"].shape[1]) * len(PROMPTS) / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", type=Path, default=None)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument(
+        "--readme", type=Path, default=None, help="write the figures into this README's Serving section"
+    )
+    args = parser.parse_args()
+
+    base_dir = tiny_ko_dir()
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        work = Path(tmp)
+        adapter = args.adapter or make_adapter(base_dir, work / "adapter", r=16, targets=ALL_LINEAR, seed=11)
+        merged = merge_adapter(
+            adapter,
+            "bench",
+            ModelConfig(base="embedded:tiny-ko", device="cpu", dtype="float32"),
+            MergeConfig(enabled=True),
+            work / "merge",
+        )
+        r = adapter_rank(adapter)
+        rank = vllm_lora_rank([r])
+        served = served_throughput(
+            str(base_dir),
+            {"base": None, "adapter": str(adapter)},
+            args.tokens,
+            work / "lora-server",
+            True,
+            rank,
+        )
+        served |= {
+            "merged": served_throughput(
+                merged.merged_dir, {"merged": None}, args.tokens, work / "merged-server", False, rank
+            )["merged"]
+        }
+
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+        base_model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+        hf = {"base": generate_throughput(base_model, tokenizer, args.tokens)}
+        tuned = PeftModel.from_pretrained(base_model, str(adapter)).eval()
+        hf["adapter"] = generate_throughput(tuned, tokenizer, args.tokens)
+        print(f"measured (tokens/s): vLLM {served}, transformers generate {hf}", flush=True)
+
+    lines = [
+        f"tiny-ko (fp32, {platform.machine()} CPU, {torch.get_num_threads()} torch threads), "
+        f"{CONCURRENCY} concurrent chat requests x {args.tokens} output tokens, "
+        f"adapter r={r}",
+        "",
+        "| variant | vLLM tokens/s | transformers generate tokens/s | vLLM / generate |",
+        "|---|---|---|---|",
+        f"| base | {served['base']:.0f} | {hf['base']:.0f} | {served['base'] / hf['base']:.2f}x |",
+        f"| base + LoRA adapter | {served['adapter']:.0f} | {hf['adapter']:.0f} | "
+        f"{served['adapter'] / hf['adapter']:.2f}x |",
+        f"| merged | {served['merged']:.0f} | - | - |",
+        "",
+        f"- LoRA adapter vs base on vLLM: {served['adapter'] / served['base']:.2f}x throughput",
+        f"- merged vs LoRA adapter on vLLM: {served['merged'] / served['adapter']:.2f}x throughput",
+        f"- merged vs base on vLLM: {served['merged'] / served['base']:.2f}x throughput",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.readme is not None:
+        write_section(args.readme, "Serving", report + "\n\nReproduce: `.venv/bin/python bench/serving.py`.")
+    return 0
+
+
+def write_section(readme: Path, title: str, body: str) -> None:
+    """Replace (or append) `## <title>` in the README, leaving other sections as they are."""
+    text = readme.read_text() if readme.is_file() else "# Benchmarks\n"
+    head, marker, rest = text.partition(f"\n## {title}\n")
+    tail = rest[rest.find("\n## ") :] if marker and "\n## " in rest else ""
+    readme.write_text(f"{head.rstrip()}\n\n## {title}\n\n{body.strip()}\n{tail}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""What the registry says to serve (aliases -> versions), the versions' files, and the canary's record."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow.artifacts
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from loraflow.serving.canary import CanaryVerdict
+
+CANARY_TAG = "serving.canary"
+REASON_TAG = "serving.reason"
+
+
+def aliased_versions(client: MlflowClient, model_name: str, aliases: list[str]) -> dict[str, ModelVersion]:
+    """alias -> version for the aliases that are set (a fresh registry has none)."""
+    found: dict[str, ModelVersion] = {}
+    for alias in aliases:
+        try:
+            found[alias] = client.get_model_version_by_alias(model_name, alias)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(error).lower():
+                raise
+    return found
+
+
+def download_version(version: ModelVersion, root: Path, tracking_uri: str) -> Path:
+    """The version's adapter directory under `root/v<N>`; downloaded once (versions are immutable)."""
+    target = root / f"v{version.version}"
+    if (target / "adapter_config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=version.source, dst_path=tmp, tracking_uri=tracking_uri
+        )
+        if not (Path(local) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"version {version.version}: no adapter_config.json under {version.source}")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(local, target)
+    return target
+
+
+def record_canary(client: MlflowClient, version: ModelVersion, verdict: CanaryVerdict) -> None:
+    """Tags on the model version: visible next to the alias in the MLflow UI."""
+    client.set_model_version_tag(version.name, version.version, CANARY_TAG, "passed" if verdict.passed else "failed")
+    client.set_model_version_tag(version.name, version.version, REASON_TAG, verdict.reason[:4000])
+
+
+def failed_before(version: ModelVersion) -> bool:
+    """A version whose canary failed is not retried each tick; delete its `serving.canary` tag to retry."""
+    return version.tags.get(CANARY_TAG) == "failed"

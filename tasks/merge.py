@@ -1,0 +1,25 @@
+"""Prefect task: merge the adapter into the base (optional, `merge.enabled`) and attach it to the version's run."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from loraflow.config.job import JobConfig
+from loraflow.merge import MergeResult, merge_adapter, merge_key
+from loraflow.registry import attach_directory
+from loraflow.results import RegisteredVersion, TrainResult
+from loraflow.steps import run_step
+
+
+# No Prefect cache: the content-addressed step directory already makes a repeat cheap, and the merged model must
+# be attached to whichever run registered this adapter.
+@task(name="merge", cache_policy=NO_CACHE)
+def merge(config: JobConfig, trained: TrainResult, version: RegisteredVersion) -> MergeResult | None:
+    if not config.merge.enabled:
+        return None
+    key = merge_key(trained.adapter_sha, config.model, config.merge)
+    result = run_step("merge", key, MergeResult, lambda out_dir: merge_adapter(
+        trained.adapter_dir, trained.adapter_sha, config.model, config.merge, out_dir))
+    attach_directory(config.registry, version.run_id, result.merged_dir, "merged")
+    return result

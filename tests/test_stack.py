@@ -1,0 +1,237 @@
+"""The local stack through the user's commands: real Prefect server, process worker and MLflow server.
+
+The tests share one stack (tests/stack_fixtures.py) and run in file order; the last one restarts it.
+Timings are printed (`pytest -s`) and written to LORAFLOW_HOME/timings.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import psutil
+import pytest
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import StateType
+
+from loraflow.concurrency import ACCELERATOR_LIMIT
+from loraflow.stack import recorded_process
+from loraflow.stack import status as stack_status
+from tests.stack_fixtures import TERMINAL, RunningStack, local_stack  # noqa: F401 (session fixture)
+from tests.stackflows import PROBE_METRICS
+
+pytestmark = pytest.mark.slow
+
+
+def probe_record(stack: RunningStack, flow_run_id: UUID | str) -> dict[str, float | str]:
+    return json.loads((stack.home / "stack-probe" / f"{flow_run_id}.json").read_text())
+
+
+def run_deployment_cli(stack: RunningStack, name: str, *args: str) -> tuple[UUID, float]:
+    """`prefect deployment run <name> ...`; returns the flow run id and when the command was started."""
+    started = time.time()
+    output = stack.prefect("deployment", "run", name, *args, check=False)
+    found = re.findall(r"UUID: ([0-9a-f-]{36})", output.stdout)
+    assert found, f"no flow run created:\n{output.stdout}\n{output.stderr}"
+    return UUID(found[0]), started
+
+
+def log_timing(stack: RunningStack, name: str, seconds: float) -> None:
+    stack.timings[name] = round(seconds, 2)
+    (stack.home / "timings.json").write_text(json.dumps(stack.timings, indent=2))
+    print(f"[timing] {name}: {seconds:.2f} s")
+
+
+def test_servers_started_healthy(local_stack: RunningStack) -> None:  # noqa: F811
+    for name in ("prefect-server", "mlflow-server", "worker", "deploy"):
+        print(f"[timing] {name} ready: {local_stack.timings[name]:.1f} s")
+    with local_stack.client() as client:
+        for name in ("finetune/tiny-ko", "stack-probe/hold", "link-probe/link"):
+            client.read_deployment_by_name(name)  # raises ObjectNotFound when not deployed
+        limit = client.read_global_concurrency_limit_by_name(ACCELERATOR_LIMIT)
+        pool = client.read_work_pool("loraflow")
+        qwen = client.read_deployment_by_name("finetune/qwen-ko")
+    assert (limit.limit, pool.type) == (1, "process")
+    assert qwen.parameters == {"config": "configs/qwen-ko.yaml"}
+    [schedule] = qwen.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (
+        "0 3 * * 0",
+        "Asia/Seoul",
+        True,
+    )
+
+
+def test_deployment_run_logs_to_mlflow_and_links_both_ways(local_stack: RunningStack) -> None:  # noqa: F811
+    flow_run_id, requested = run_deployment_cli(local_stack, "link-probe/link", "--watch")
+    flow_run = local_stack.wait_for_flow_run(flow_run_id)
+    assert flow_run.state.type == StateType.COMPLETED, flow_run.state
+    record = probe_record(local_stack, flow_run_id)
+    log_timing(local_stack, "deployment run command -> flow start", float(record["started"]) - requested)
+    log_timing(
+        local_stack, "flow run created -> flow start", float(record["started"]) - flow_run.created.timestamp()
+    )
+
+    # MLflow side: the worker's MLFLOW_TRACKING_URI pointed the flow at the stack's server; the run names us.
+    experiment = local_stack.mlflow(
+        "GET", "experiments/get-by-name", params={"experiment_name": "stack-probe"}
+    )
+    runs = local_stack.mlflow(
+        "POST",
+        "runs/search",
+        json={
+            "experiment_ids": [experiment["experiment"]["experiment_id"]],
+            "filter": f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+        },
+    )["runs"]
+    assert [run["info"]["run_id"] for run in runs] == [record["mlflow_run_id"]]
+    tags = {tag["key"]: tag["value"] for tag in runs[0]["data"]["tags"]}
+    assert tags["prefect.flow_run_url"] == f"{local_stack.stack.prefect_ui_url}/runs/flow-run/{flow_run_id}"
+    assert {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]} == PROBE_METRICS
+
+    # Prefect side: a link to the MLflow run page and the metrics table.
+    with local_stack.client() as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    by_key = {artifact.key: str(artifact.data) for artifact in artifacts}
+    run_id, url = record["mlflow_run_id"], record["mlflow_url"]
+    assert by_key["stack-probe-mlflow-run"] == f"[MLflow run {run_id}]({url})"
+    assert str(record["mlflow_url"]).startswith(f"{local_stack.stack.mlflow_url}/#/experiments/")
+    assert "| perplexity | 9 | 7.5 | -1.5 |" in by_key["stack-probe-metrics"]
+
+
+def test_concurrent_runs_serialize_on_accelerator_limit(local_stack: RunningStack) -> None:  # noqa: F811
+    hold = 8.0
+    with ThreadPoolExecutor(2) as pool:
+        launched = list(
+            pool.map(
+                lambda _: run_deployment_cli(local_stack, "stack-probe/hold", "--param", f"seconds={hold}"),
+                range(2),
+            )
+        )
+    runs = [local_stack.wait_for_flow_run(flow_run_id) for flow_run_id, _ in launched]
+    assert all(run.state.type == StateType.COMPLETED for run in runs), [run.state for run in runs]
+    first, second = sorted((probe_record(local_stack, run.id) for run in runs), key=lambda r: r["entered"])
+    # Both flows were running at the same time, so the limit (not the worker) kept them apart...
+    assert second["started"] < first["left"], (first, second)
+    # ...and their critical sections did not overlap: the second entered only after the first left.
+    assert second["entered"] >= first["left"], (first, second)
+    log_timing(local_stack, "second run waited for the accelerator", second["entered"] - second["started"])
+    with local_stack.client() as client:
+        assert client.read_global_concurrency_limit_by_name(ACCELERATOR_LIMIT).active_slots == 0
+
+
+def test_scheduler_creates_runs_from_cron(local_stack: RunningStack) -> None:  # noqa: F811
+    """`stack-probe/every-minute` (cron `* * * * *`), deployed at session start, gets runs that complete."""
+    deadline = time.monotonic() + 150
+    with local_stack.client() as client:
+        deployment = client.read_deployment_by_name("stack-probe/every-minute")
+        while True:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(deployment_id={"any_": [deployment.id]})
+            )
+            done = [run for run in runs if run.state.type == StateType.COMPLETED]
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        # Stop the schedule: later tests and sessions reusing this stack should not share the CPU with it.
+        client.delete_deployment(deployment.id)
+    assert done, [(run.name, run.state) for run in runs]
+    assert all(run.auto_scheduled for run in done)
+    assert done[0].expected_start_time.second == 0  # on the minute, as the cron says
+    assert done[0].start_time - done[0].expected_start_time < timedelta(seconds=30)
+
+
+def test_bad_override_fails_fast_naming_the_field(local_stack: RunningStack) -> None:  # noqa: F811
+    work_before = sorted(p.relative_to(local_stack.home) for p in (local_stack.home / "work").rglob("*"))
+    flow_run_id, requested = run_deployment_cli(
+        local_stack, "finetune/qwen-ko", "--param", 'overrides={"training.learning_rate": -1}', "--watch"
+    )
+    flow_run = local_stack.wait_for_flow_run(flow_run_id)
+    assert flow_run.state.type == StateType.FAILED, flow_run.state
+    assert "training.learning_rate" in flow_run.state.message, flow_run.state.message
+    with local_stack.client() as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    assert task_runs == [], "no step may start before the config validates"
+    assert (
+        sorted(p.relative_to(local_stack.home) for p in (local_stack.home / "work").rglob("*")) == work_before
+    )
+    log_timing(
+        local_stack, "bad override: deployment run -> failed", flow_run.end_time.timestamp() - requested
+    )
+
+
+def flow_run_processes(stack: RunningStack, flow_run_id: UUID) -> list[psutil.Process]:
+    """The worker's child process running `flow_run_id`, and its descendants."""
+    worker = recorded_process(stack.stack, "worker")
+    assert worker is not None
+    for child in worker.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.environ().get("PREFECT__FLOW_RUN_ID") == str(flow_run_id):
+                return [child, *child.children(recursive=True)]
+    return []
+
+
+def test_killed_training_resumes_from_checkpoint_on_retry(local_stack: RunningStack) -> None:  # noqa: F811
+    """Kill the flow run's process mid-training (SIGKILL: nothing gets to clean up), then `prefect flow-run
+    retry`: the same run, same inputs, so the train step finds its content-addressed checkpoints."""
+    overrides = json.dumps({"training.epochs": 1, "training.save_steps": 10})
+    flow_run_id, _ = run_deployment_cli(local_stack, "finetune/tiny-ko", "--param", f"overrides={overrides}")
+    train_dir = local_stack.home / "work" / "train"
+    deadline = time.monotonic() + 900
+    while not list(train_dir.glob("*/checkpoints/checkpoint-*/trainer_state.json")):
+        run = local_stack.flow_run(flow_run_id)
+        assert run.state.type not in TERMINAL, f"finished before a checkpoint was written: {run.state}"
+        assert time.monotonic() < deadline, "no checkpoint after 900 s"
+        time.sleep(1)
+    victims = flow_run_processes(local_stack, flow_run_id)
+    assert victims, "flow run process not found under the worker"
+    for process in victims:
+        process.kill()
+    crashed = local_stack.wait_for_flow_run(flow_run_id, timeout=120)
+    assert crashed.state.type == StateType.CRASHED, crashed.state
+    [run_dir] = train_dir.iterdir()
+    assert not (run_dir / "train_metrics.json").exists(), "training finished before the kill"
+
+    local_stack.prefect("flow-run", "retry", str(flow_run_id))
+    retried = local_stack.wait_for_flow_run(flow_run_id, timeout=1200)
+    assert retried.state.type == StateType.COMPLETED, retried.state
+    metrics = json.loads((run_dir / "train_metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 10, metrics
+    assert metrics["steps_this_process"] == metrics["global_steps"] - metrics["resumed_from_step"], metrics
+    with local_stack.client() as client:
+        assert client.read_global_concurrency_limit_by_name(ACCELERATOR_LIMIT).active_slots == 0
+
+
+def test_restart_keeps_state_and_down_leaves_no_process(local_stack: RunningStack) -> None:  # noqa: F811
+    with local_stack.client() as client:
+        # Future runs of a schedule are recreated when `up` redeploys; finished runs must survive as they are.
+        runs_before = {run.id for run in client.read_flow_runs() if run.state.type in TERMINAL}
+    experiments_before = local_stack.mlflow("POST", "experiments/search", json={"max_results": 100})[
+        "experiments"
+    ]
+
+    stopped = local_stack.down()  # asserts every process it found is gone
+    assert len(stopped) >= 3
+    assert all(pid is None for pid in stack_status(local_stack.stack).values())
+
+    restarted_at = datetime.now(UTC)
+    timings = local_stack.up()
+    log_timing(local_stack, "restart: prefect-server healthy", timings["prefect-server"])
+    log_timing(local_stack, "restart: mlflow-server healthy", timings["mlflow-server"])
+    with local_stack.client() as client:
+        assert runs_before <= {run.id for run in client.read_flow_runs()}
+        qwen = client.read_deployment_by_name("finetune/qwen-ko")
+        assert qwen.schedules[0].active
+        assert qwen.created < restarted_at  # the same deployment, updated in place
+    experiments_after = local_stack.mlflow("POST", "experiments/search", json={"max_results": 100})[
+        "experiments"
+    ]
+    assert {e["name"] for e in experiments_before} <= {e["name"] for e in experiments_after}

@@ -102,7 +102,7 @@ def test_deployment_run_logs_to_mlflow_and_links_both_ways(local_stack: RunningS
     run_id, url = record["mlflow_run_id"], record["mlflow_url"]
     assert by_key["stack-probe-mlflow-run"] == f"[MLflow run {run_id}]({url})"
     assert str(record["mlflow_url"]).startswith(f"{local_stack.stack.mlflow_url}/#/experiments/")
-    assert "| perplexity | 9 | 7.5 | -1.5 |" in by_key["stack-probe-metrics"]
+    assert "| perplexity | 9.0000 | 7.5000 | -1.5000 |" in by_key["stack-probe-metrics"]
 
 
 def test_concurrent_runs_serialize_on_accelerator_limit(local_stack: RunningStack) -> None:  # noqa: F811

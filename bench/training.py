@@ -28,9 +28,10 @@ VARIANTS = ("tutorial-lora", "loraflow-qlora", "loraflow-lora", "full")
 
 
 def _prepared(overrides: dict):
-    from loraflow.chat import chat_key, format_chat
+    from loraflow.chat import format_chat
     from loraflow.config import load_config
-    from loraflow.dataset import build_dataset, dataset_key
+    from loraflow.dataset import build_dataset
+    from loraflow.keys import chat_key, dataset_key
     from loraflow.results import ChatResult, DatasetResult
     from loraflow.steps import run_step
 

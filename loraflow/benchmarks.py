@@ -16,14 +16,16 @@ import json
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from loraflow.config.evaluation import BenchmarkConfig
 from loraflow.config.loader import ConfigError
 from loraflow.config.model import EMBEDDED_PREFIX
+
+if TYPE_CHECKING:  # torch is imported by whoever loaded the model; validation alone must stay light
+    import torch
 
 # Prefixed with the model's label (`base.lm_eval_results.json`) so base and tuned files can share a folder.
 RESULTS_FILE = "lm_eval_results.json"

@@ -7,7 +7,6 @@ end-of-turn token inside the mask: a model never trained on its closing `<|im_en
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,10 @@ from datasets import DatasetDict, load_from_disk
 
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
-from loraflow.hashing import code_sha, sha_of, sha_of_text
+from loraflow.keys import template_sha
 from loraflow.modeling import load_tokenizer
 from loraflow.results import ChatResult, DatasetResult
 from loraflow.steps import write_json
-from loraflow.templates import load_template
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +31,6 @@ END_OF_TURN = "<|im_end|>"
 
 class ChatFormatError(ValueError):
     """The template does not produce a usable assistant mask."""
-
-
-def template_sha(model: ModelConfig) -> str:
-    return sha_of_text(load_template(model.chat_template))
-
-
-def chat_key(dataset: DatasetResult, model: ModelConfig, training: TrainingConfig) -> str:
-    return sha_of(dataset.dataset_sha, model.base, model.revision, template_sha(model), training.max_length,
-                  code_sha(sys.modules[__name__]))[:16]
 
 
 def assistant_spans(mask: list[int]) -> list[tuple[int, int]]:

@@ -8,11 +8,10 @@ gets its own, since their scales differ.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 TABLE_FILE = "comparison.md"
 CHART_FILE = "comparison.png"
@@ -43,7 +42,7 @@ def comparison_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bars(ax: plt.Axes, metrics: dict[str, float], names: list[str]) -> None:
+def _bars(ax: Axes, metrics: dict[str, float], names: list[str]) -> None:
     width = 0.4
     for offset, (label, color) in enumerate(zip(LABELS, ("#8c8c8c", "#4c72b0"), strict=True)):
         values = [metrics.get(f"{label}/{name}", float("nan")) for name in names]
@@ -56,6 +55,11 @@ def _bars(ax: plt.Axes, metrics: dict[str, float], names: list[str]) -> None:
 
 
 def comparison_chart(metrics: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     names = metric_names(metrics)
     scores = [n for n in names if "/" in n]
     # One panel for all benchmark scores (0..1), one per model-level value (perplexity, nll...): own scales.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset
 
 from loraflow.config.data import DataConfig, DataSource, FieldMapping
-from loraflow.hashing import code_sha, sha_of, sha_of_files
+from loraflow.hashing import sha_of
 from loraflow.results import DatasetResult
 from loraflow.steps import write_json
 
@@ -29,21 +28,6 @@ Messages = list[dict[str, str]]
 
 class DatasetError(ValueError):
     """No usable data, or a source that cannot be read at all."""
-
-
-def source_fingerprint(source: DataSource) -> str:
-    """Local files by content; hub datasets by id + revision (pin a commit sha for exact reproducibility)."""
-    if source.path is not None:
-        path = Path(source.path)
-        if not path.is_file():
-            raise DatasetError(f"data.sources: file not found: {source.path}")
-        return sha_of_files([path])
-    return sha_of(source.hub_id, source.revision, source.subset, source.split)
-
-
-def dataset_key(data: DataConfig) -> str:
-    fingerprints = [source_fingerprint(s) for s in data.sources]
-    return sha_of(data, fingerprints, code_sha(sys.modules[__name__]))[:16]
 
 
 def _file_format(source: DataSource) -> str:

@@ -6,7 +6,6 @@ Metric names are `base/<name>` and `tuned/<name>` (e.g. `tuned/perplexity`, `bas
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from datasets import load_from_disk
@@ -17,20 +16,12 @@ from loraflow.comparison import TABLE_FILE, write_comparison
 from loraflow.config.evaluation import EvalConfig
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
-from loraflow.hashing import code_sha, sha_of
 from loraflow.modeling import load_base_model, load_tokenizer
 from loraflow.perplexity import assistant_perplexity
 from loraflow.results import ChatResult, EvalResult, TrainResult
 from loraflow.steps import write_json
-from loraflow.tiny import kobest
 
 log = logging.getLogger(__name__)
-
-
-def eval_key(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: QuantizationConfig,
-             evaluation: EvalConfig) -> str:
-    return sha_of(chat.key, trained.adapter_sha, model, quant, evaluation,
-                  code_sha(sys.modules[__name__], benchmarks, kobest))[:16]
 
 
 def _measure(label: str, measured, held_out, tokenizer, evaluation: EvalConfig, out_dir: Path,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
+import importlib.util
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from pydantic import BaseModel
@@ -52,6 +51,13 @@ def sha_of_dir(root: Path) -> str:
     return sha_of_files((p for p in root.rglob("*") if p.is_file()), root=root)
 
 
-def code_sha(*modules: ModuleType) -> str:
-    """Hash of the source of the modules that implement a step: editing them invalidates its cache."""
-    return sha_of_text("".join(inspect.getsource(m) for m in modules))[:16]
+def code_sha(*module_names: str) -> str:
+    """Hash of the source of the modules that implement a step: editing them invalidates its cache. The files are
+    read, not imported, so computing a key never loads torch."""
+    sources = []
+    for name in module_names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(name)
+        sources.append(Path(spec.origin).read_text(encoding="utf-8"))
+    return sha_of_text("".join(sources))[:16]

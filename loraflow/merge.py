@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -20,9 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.serving import MergeConfig
-from loraflow.hashing import code_sha, sha_of
 from loraflow.modeling import device_for, dtype_for, load_base_model
-from loraflow.results import StepResult
+from loraflow.results import MergeResult
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +34,6 @@ CHECK_CONVERSATIONS = (
 
 class MergeMismatch(RuntimeError):
     """The merged model's logits differ from base + adapter by more than `merge.max_abs_logit_diff`."""
-
-
-class MergeResult(StepResult):
-    """`path` holds `merged/`: a plain transformers model with the adapter's tokenizer and chat template."""
-
-    adapter_sha: str
-    dtype: str
-    max_abs_logit_diff: float
-
-    @property
-    def merged_dir(self) -> str:
-        return str(Path(self.path) / "merged")
-
-
-def merge_key(adapter_sha: str, model: ModelConfig, merge: MergeConfig) -> str:
-    return sha_of(adapter_sha, model, merge, code_sha(sys.modules[__name__]))[:16]
 
 
 def _full_precision(model: ModelConfig, merge: MergeConfig) -> ModelConfig:

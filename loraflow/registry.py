@@ -13,10 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -83,6 +79,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def loss_curve(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     points = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry and "step" in entry]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if points:

@@ -77,3 +77,15 @@ class RegisteredVersion(BaseModel):
     experiment_id: str
     source: str
     created: bool  # False when an identical version already existed (cached rerun)
+
+
+class MergeResult(StepResult):
+    """`path` holds `merged/`: a plain transformers model with the adapter's tokenizer and chat template."""
+
+    adapter_sha: str
+    dtype: str
+    max_abs_logit_diff: float
+
+    @property
+    def merged_dir(self) -> str:
+        return str(Path(self.path) / "merged")

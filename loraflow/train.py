@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
-from loraflow.hashing import code_sha, sha_of, sha_of_files
+from loraflow.hashing import sha_of_files
 from loraflow.modeling import device_for, dtype_for, load_base_model, load_tokenizer
 from loraflow.results import ChatResult, TrainResult
 from loraflow.steps import write_json
@@ -28,11 +27,6 @@ from loraflow.steps import write_json
 log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-
-
-def train_key(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
-              training: TrainingConfig) -> str:
-    return sha_of(chat.key, model, lora, quant, training, code_sha(sys.modules[__name__]))[:16]
 
 
 def peft_config(lora: LoraSettings) -> LoraConfig:

@@ -1,13 +1,19 @@
 from prefect import task
 
-from loraflow import chat as plain
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
+from loraflow.keys import chat_key
 from loraflow.results import ChatResult, DatasetResult
 from loraflow.steps import prefect_cache_key, run_step
 
 
-@task(name="format_chat", cache_key_fn=prefect_cache_key("chat", plain.chat_key), persist_result=True)
+@task(name="format_chat", cache_key_fn=prefect_cache_key("chat", chat_key), persist_result=True)
 def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingConfig) -> ChatResult:
-    key = plain.chat_key(dataset, model, training)
-    return run_step("chat", key, ChatResult, lambda out: plain.format_chat(dataset, model, training, out, key))
+    key = chat_key(dataset, model, training)
+
+    def produce(out):
+        from loraflow.chat import format_chat as render
+
+        return render(dataset, model, training, out, key)
+
+    return run_step("chat", key, ChatResult, produce)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prefect import get_run_logger, task
 
 from loraflow.concurrency import accelerator
 from loraflow.config.job import JobConfig
-from loraflow.serving.deploy import deploy_aliases
-from loraflow.serving.reconcile import ReconcileReport
+
+if TYPE_CHECKING:  # the serving stack imports torch: load it only when deploying
+    from loraflow.serving.reconcile import ReconcileReport
 
 
 # Not cached: what is served depends on the registry's aliases and the server's state, not on inputs.
@@ -16,6 +19,8 @@ from loraflow.serving.reconcile import ReconcileReport
 def deploy(job: JobConfig) -> ReconcileReport | None:
     if not job.serving.enabled:
         return None
+    from loraflow.serving.deploy import deploy_aliases
+
     with accelerator():  # vLLM takes the device: never while a training holds it
         endpoint, report = deploy_aliases(job, start=True)
     get_run_logger().info(

@@ -6,9 +6,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from loraflow.config.job import JobConfig
-from loraflow.merge import MergeResult, merge_adapter, merge_key
+from loraflow.keys import merge_key
 from loraflow.registry import attach_directory
-from loraflow.results import RegisteredVersion, TrainResult
+from loraflow.results import MergeResult, RegisteredVersion, TrainResult
 from loraflow.steps import run_step
 
 
@@ -19,7 +19,12 @@ def merge(config: JobConfig, trained: TrainResult, version: RegisteredVersion) -
     if not config.merge.enabled:
         return None
     key = merge_key(trained.adapter_sha, config.model, config.merge)
-    result = run_step("merge", key, MergeResult, lambda out_dir: merge_adapter(
-        trained.adapter_dir, trained.adapter_sha, config.model, config.merge, out_dir))
+
+    def produce(out_dir):
+        from loraflow.merge import merge_adapter
+
+        return merge_adapter(trained.adapter_dir, trained.adapter_sha, config.model, config.merge, out_dir)
+
+    result = run_step("merge", key, MergeResult, produce)
     attach_directory(config.registry, version.run_id, result.merged_dir, "merged")
     return result

@@ -71,11 +71,8 @@ def finetune_run(tiny_config: JobConfig) -> dict:
 @pytest.fixture(scope="session")
 def step_results(finetune_run: dict, tiny_config: JobConfig) -> dict:
     """The finished step records of the session's flow run, looked up by their content keys."""
-    from loraflow.chat import chat_key
-    from loraflow.dataset import dataset_key
-    from loraflow.evaluation import eval_key
+    from loraflow.keys import chat_key, dataset_key, eval_key, train_key
     from loraflow.steps import load_result
-    from loraflow.train import train_key
 
     job = tiny_config
     dataset = load_result("dataset", dataset_key(job.data), DatasetResult)

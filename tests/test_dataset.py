@@ -6,7 +6,8 @@ import pytest
 from datasets import load_from_disk
 
 from loraflow.config.data import DataConfig
-from loraflow.dataset import DatasetError, build_dataset, dataset_key
+from loraflow.dataset import DatasetError, build_dataset
+from loraflow.keys import dataset_key
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:
@@ -106,5 +107,5 @@ def test_nothing_usable_fails_naming_the_source(tmp_path: Path):
 
 def test_missing_file_is_named(tmp_path: Path):
     config = DataConfig(sources=[{"path": str(tmp_path / "nope.jsonl")}])
-    with pytest.raises(DatasetError, match=r"file not found: .*nope\.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"data\.sources: file not found: .*nope\.jsonl"):
         dataset_key(config)

@@ -13,10 +13,11 @@ from peft import PeftConfig
 from loraflow.config import load_config
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
+from loraflow.keys import train_key
 from loraflow.modeling import load_base_model
 from loraflow.results import TrainResult
 from loraflow.steps import run_step, step_dir
-from loraflow.train import train_adapter, train_key
+from loraflow.train import train_adapter
 from tests.conftest import TINY_CONFIG
 
 
@@ -53,7 +54,8 @@ import sys
 from loraflow.config import load_config
 from loraflow.results import ChatResult, TrainResult
 from loraflow.steps import run_step
-from loraflow.train import train_adapter, train_key
+from loraflow.keys import train_key
+from loraflow.train import train_adapter
 chat = ChatResult.model_validate_json(open(sys.argv[1]).read())
 job = load_config(sys.argv[2], {overrides!r})
 key = train_key(chat, job.model, job.lora, job.quantization, job.training)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -41,7 +40,7 @@ PRETRAIN = {"steps": 300, "batch_size": 16, "block_size": 128, "learning_rate": 
 
 
 def build_key() -> str:
-    return sha_of(SEED, VOCAB_SIZE, ARCH, PRETRAIN, code_sha(sys.modules[__name__], corpus))[:12]
+    return sha_of(SEED, VOCAB_SIZE, ARCH, PRETRAIN, code_sha(__name__, corpus.__name__))[:12]
 
 
 def tiny_ko_dir() -> Path:

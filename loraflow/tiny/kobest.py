@@ -14,7 +14,6 @@ import json
 import random
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -153,7 +152,7 @@ def write(out_dir: Path) -> None:
 def tiny_kobest_dir() -> Path:
     """The folder of task YAMLs (an lm-eval `include_path`), generated on first use."""
     key = sha_of(SEED, TEST_SIZE, TRAIN_SIZE, str(kobest_yaml_dir()),
-                 code_sha(sys.modules[__name__], corpus))[:12]
+                 code_sha(__name__, corpus.__name__))[:12]
     target = paths.sub("benchmarks") / f"{EMBEDDED_NAME}-{key}"
     if not target.is_dir():
         # Built aside and renamed so a concurrent or interrupted build never leaves a half-written folder.

@@ -290,12 +290,18 @@ def stop(stack: Stack, name: str) -> list[int]:
     _pid_file(stack, name).unlink(missing_ok=True)
     if leader is None:
         return []
+    # Freeze the leader while its family is collected: a worker must not start a flow-run process between the
+    # snapshot and the signal (that child would outlive it, reparented and out of reach).
+    with contextlib.suppress(psutil.NoSuchProcess):
+        leader.suspend()
     family = _family(leader)
     _signal_all(family, signal.SIGTERM)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        leader.resume()
     stubborn = _wait_gone(family, STOP_TIMEOUT_S)
     _signal_all(stubborn, signal.SIGKILL)
-    # Children forked while shutting down join the group late: sweep it once more.
-    stragglers = [p for p in _family(leader) if _alive(p)] if _alive(leader) else []
+    # Children forked while shutting down join the group late: sweep it once more (the group outlives its leader).
+    stragglers = [p for p in _family(leader) if _alive(p) and p.pid not in {f.pid for f in family}]
     _signal_all(stragglers, signal.SIGKILL)
     left = _wait_gone(stubborn + stragglers, 5.0)
     if left:

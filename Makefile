@@ -49,7 +49,6 @@ up: venv
 	$(PY) -m loraflow.stack up
 
 down:
-	$(PY) -m flows.serve --config configs/tiny-ko.yaml --stop
 	$(PY) -m loraflow.stack down
 
 ui:

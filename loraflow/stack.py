@@ -424,7 +424,11 @@ def up(stack: Stack, prefect_file: Path | None = PREFECT_FILE) -> dict[str, floa
 
 
 def down(stack: Stack) -> list[int]:
-    """Stop the worker first (it owns running flows), then the servers. Returns every PID stopped."""
+    """Stop what flows started (vLLM + router of each served model), then the worker (it owns running flows),
+    then the servers. Returns every PID stopped by name here; serving stacks are stopped by their own records."""
+    from loraflow.serving.stack import stop_all_detached
+
+    stop_all_detached(stack.home)
     return [pid for name in ("worker", "prefect-server", "mlflow-server") for pid in stop(stack, name)]
 
 

@@ -17,10 +17,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flows.serve import serve
+from loraflow import paths
 from loraflow.config import JobConfig, load_config
 from loraflow.serving.names import base_name, versioned_name
 from loraflow.serving.reconcile import ReconcileReport, reconcile
-from loraflow.serving.stack import ServingStack, start_stack
+from loraflow.serving.stack import ServingStack, start_stack, stop_all_detached
 from loraflow.tiny.base import tiny_ko_dir
 from tests.serving_fixtures import (
     ALL_LINEAR,
@@ -102,8 +103,10 @@ def stack(job: JobConfig, adapters: dict[str, Path]) -> Iterator[ServingStack]:
     try:
         yield started
     finally:
-        started.stop()
+        # The path `make down` takes: every serving stack recorded under LORAFLOW_HOME, found by its records.
+        stopped = stop_all_detached(paths.home())
         os.environ.pop(KEY_ENV, None)
+    assert stopped == [job.registry.model_name]
     for process in (started.vllm, started.router):
         assert process.popen is not None and process.popen.poll() is not None, f"{process.name} still running"
 

@@ -182,7 +182,8 @@ def flow_run_processes(stack: RunningStack, flow_run_id: UUID) -> list[psutil.Pr
 def test_killed_training_resumes_from_checkpoint_on_retry(local_stack: RunningStack) -> None:  # noqa: F811
     """Kill the flow run's process mid-training (SIGKILL: nothing gets to clean up), then `prefect flow-run
     retry`: the same run, same inputs, so the train step finds its content-addressed checkpoints."""
-    overrides = json.dumps({"training.epochs": 1, "training.save_steps": 10})
+    # Serving has its own tests (tests/test_serving.py); here it would start vLLM on the default ports.
+    overrides = json.dumps({"training.epochs": 1, "training.save_steps": 10, "serving.enabled": False})
     flow_run_id, _ = run_deployment_cli(local_stack, "finetune/tiny-ko", "--param", f"overrides={overrides}")
     train_dir = local_stack.home / "work" / "train"
     deadline = time.monotonic() + 900

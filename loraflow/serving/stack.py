@@ -148,8 +148,16 @@ def ensure_stack(job: JobConfig, adapter_dirs: list[str | Path] = ()) -> Endpoin
 
 
 def stop_detached(job: JobConfig) -> bool:
-    """Stop the stack recorded in stack.json; False when none was recorded."""
-    file = state_dir(job) / STACK_FILE
+    """Stop the job's stack recorded in stack.json; False when none was recorded."""
+    return _stop_recorded(state_dir(job) / STACK_FILE)
+
+
+def stop_all_detached(home: Path) -> list[str]:
+    """Stop every serving stack recorded under `home` (what `make down` needs); returns the model names."""
+    return [file.parent.name for file in sorted((home / "serving").glob(f"*/{STACK_FILE}")) if _stop_recorded(file)]
+
+
+def _stop_recorded(file: Path) -> bool:
     if not file.is_file():
         return False
     pids = json.loads(file.read_text())["pids"]

@@ -29,8 +29,9 @@ from tasks.train import train
 
 @flow(name="finetune")
 def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune the job's base model with (Q)LoRA and register the adapter. `overrides` are dotted config fields
-    (`{"training.learning_rate": 1e-4}`), validated with the config before any work starts."""
+    """Fine-tune the job's base model with (Q)LoRA, evaluate base vs tuned, register and gate the adapter, then
+    merge and serve it as the config says. `overrides` are dotted config fields (`{"training.learning_rate": 1e-4}`),
+    validated with the config before any work starts."""
     job = validated_job(config, overrides)
     logger = get_run_logger()
     logger.info("job %s: base %s, %d data source(s)", job.name, job.model.base, len(job.data.sources))

@@ -4,11 +4,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Prefect, Hugging Face and MLflow locations under it are set by loraflow.env (one place for every entry point).
 export LORAFLOW_HOME ?= $(CURDIR)/.loraflow
-export PREFECT_HOME ?= $(LORAFLOW_HOME)/prefect
-export HF_HOME ?= $(LORAFLOW_HOME)/cache/huggingface
-export HF_HUB_OFFLINE ?= 0
-export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: venv demo test lint up down ui bench clean
 

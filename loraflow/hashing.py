@@ -46,11 +46,6 @@ def sha_of_files(paths: Iterable[Path], root: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def sha_of_dir(root: Path) -> str:
-    root = Path(root)
-    return sha_of_files((p for p in root.rglob("*") if p.is_file()), root=root)
-
-
 def code_sha(*module_names: str) -> str:
     """Hash of the source of the modules that implement a step: editing them invalidates its cache. The files are
     read, not imported, so computing a key never loads torch."""

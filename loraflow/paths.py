@@ -32,10 +32,6 @@ def mlflow_dir() -> Path:
     return sub("mlflow")
 
 
-def hf_cache_dir() -> Path:
-    return sub("cache", "huggingface")
-
-
 def default_tracking_uri() -> str:
     """Embedded MLflow: SQLite store under LORAFLOW_HOME (any MLFLOW_TRACKING_URI overrides it)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_dir() / 'mlflow.db'}"

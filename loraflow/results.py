@@ -19,9 +19,6 @@ class StepResult(BaseModel):
     key: str
     path: str
 
-    def is_complete(self) -> bool:
-        return (Path(self.path) / RESULT_FILE).is_file()
-
 
 class DatasetResult(StepResult):
     """`path` holds `dataset/` (save_to_disk, splits train/eval), `stats.json`, `rejected.jsonl`."""

@@ -37,7 +37,9 @@ from prefect.workers.process import ProcessWorker
 
 from loraflow import paths
 from loraflow.concurrency import ensure_limit
+from loraflow.env import configure_environment
 from loraflow.links import mlflow_run_url
+from loraflow.process import is_healthy, log_tail
 
 HOST = "127.0.0.1"
 POOL = "loraflow"
@@ -312,25 +314,14 @@ def stop(stack: Stack, name: str) -> list[int]:
 # --- health -----------------------------------------------------------------------------------------------
 
 
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def _wait_until(check: Callable[[], bool], process: psutil.Process, what: str, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if not _alive(process):
-            raise StackError(f"{what} exited during startup; see {log}:\n{_tail(log)}")
+            raise StackError(f"{what} exited during startup; see {log}:\n{log_tail(log)}")
         if time.monotonic() > deadline:
-            raise StackError(f"{what} not healthy after {timeout:.0f} s; see {log}:\n{_tail(log)}")
+            raise StackError(f"{what} not healthy after {timeout:.0f} s; see {log}:\n{log_tail(log)}")
         time.sleep(0.5)
-
-
-def _tail(log: Path, lines: int = 30) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
 
 
 def _worker_online(stack: Stack, since: datetime) -> bool:
@@ -406,7 +397,7 @@ def up(stack: Stack, prefect_file: Path | None = PREFECT_FILE) -> dict[str, floa
             raise StackError(f"{name} exited during startup; see {stack.log_dir / (name + '.log')}")
         url = service.health_url
         assert url is not None
-        _wait_until(lambda url=url: _healthy(url), process, name, stack.log_dir / f"{name}.log", HEALTH_TIMEOUT_S)
+        _wait_until(lambda url=url: is_healthy(url), process, name, stack.log_dir / f"{name}.log", HEALTH_TIMEOUT_S)
         if name in started:
             timings[name] = time.monotonic() - started[name][1]
     ensure_pool_and_limits(stack)
@@ -510,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loraflow.stack", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down", "status", "urls", "ui", "demo"])
     args = parser.parse_args(argv)
+    configure_environment()  # the servers and the worker inherit the same state layout as every entry point
     stack = Stack.from_env()
     try:
         if args.command == "up":

@@ -17,9 +17,9 @@ from loraflow import paths
 from loraflow.config.job import JobConfig
 from loraflow.hashing import sha_of_text
 from loraflow.modeling import device_for, resolve_base
+from loraflow.process import ManagedProcess, is_healthy, stop_group
 from loraflow.serving.client import ServingClient
 from loraflow.serving.names import base_name
-from loraflow.serving.process import ManagedProcess, is_healthy, stop_group
 from loraflow.serving.vllm_server import VllmLaunch, adapter_rank, vllm_lora_rank, vllm_process
 from loraflow.templates import load_template
 
@@ -140,11 +140,6 @@ def running_endpoint(job: JobConfig) -> Endpoint | None:
         return None
     endpoint = Endpoint(**json.loads(file.read_text())["endpoint"])
     return endpoint if is_healthy(f"{endpoint.router_url}/health") else None
-
-
-def ensure_stack(job: JobConfig, adapter_dirs: list[str | Path] = ()) -> Endpoint:
-    """Attach to this job's running stack or start one detached (it outlives the caller)."""
-    return running_endpoint(job) or start_stack(job, adapter_dirs).endpoint
 
 
 def stop_detached(job: JobConfig) -> bool:

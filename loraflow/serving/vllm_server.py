@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraflow.config.serving import ServingConfig
-from loraflow.serving.process import ManagedProcess
+from loraflow.process import ManagedProcess
 
 # Ranks vLLM's LoRAConfig accepts (vllm/config/lora.py `MaxLoRARanks`).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

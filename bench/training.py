@@ -28,12 +28,12 @@ VARIANTS = ("tutorial-lora", "loraflow-qlora", "loraflow-lora", "full")
 
 
 def _prepared(overrides: dict):
-    from loraflow.chat import format_chat
     from loraflow.config import load_config
-    from loraflow.dataset import build_dataset
+    from loraflow.data.build_dataset import build_dataset
+    from loraflow.data.format_chat import format_chat
     from loraflow.keys import chat_key, dataset_key
+    from loraflow.outputs import run_step
     from loraflow.results import ChatResult, DatasetResult
-    from loraflow.steps import run_step
 
     job = load_config(CONFIG, overrides)
     key = dataset_key(job.data)
@@ -48,8 +48,8 @@ def run_variant(variant: str, steps: int) -> dict:
     from datasets import load_from_disk
     from trl import SFTTrainer
 
-    from loraflow.modeling import load_base_model, load_tokenizer
-    from loraflow.train import peak_rss_mb, peft_config, sft_config, train_adapter
+    from loraflow.training.models import load_base_model, load_tokenizer
+    from loraflow.training.train import peak_rss_mb, peft_config, sft_config, train_adapter
 
     overrides = {"training.max_steps": steps, "training.save_steps": 10_000, "training.logging_steps": 1}
     if variant in ("loraflow-lora", "tutorial-lora", "full"):

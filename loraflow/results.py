@@ -73,6 +73,7 @@ class RegisteredVersion(BaseModel):
     run_id: str
     experiment_id: str
     source: str
+    tracking_uri: str  # where the version and its run live
     created: bool  # False when an identical version already existed (cached rerun)
 
 

@@ -1,33 +1,36 @@
-"""Prefect task: after promotion, make vLLM serve the registry's aliases (when `serving.enabled`)."""
+"""Prefect task: make vLLM serve the registry's aliases (the finetune flow's last step, and the `serve` flow)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 
-from loraflow.concurrency import accelerator
 from loraflow.config.job import JobConfig
+from loraflow.serving.records import running_endpoint
+from tasks.prefect_glue import accelerator
 
-if TYPE_CHECKING:  # the serving stack imports torch: load it only when deploying
+if TYPE_CHECKING:  # the serving code imports torch: load it only when deploying
     from loraflow.serving.reconcile import ReconcileReport
 
 
-# Not cached: what is served depends on the registry's aliases and the server's state, not on inputs.
+# Not cached: what is served depends on the registry's aliases and the servers' state, not on inputs.
 # A retry covers a vLLM start that failed for a passing reason (port still held by a stopping process).
 @task(name="deploy", retries=1, retry_delay_seconds=30)
-def deploy(job: JobConfig) -> ReconcileReport | None:
+def deploy(job: JobConfig, start: bool = True) -> ReconcileReport | None:
+    """One reconcile pass; starts vLLM + router first when `start` and they are not running."""
     if not job.serving.enabled:
         return None
     from loraflow.serving.deploy import deploy_aliases
 
-    with accelerator():  # vLLM takes the device: never while a training holds it
-        endpoint, report = deploy_aliases(job, start=True)
-    get_run_logger().info(
-        "serving at %s/v1: routes %s, loaded %s, canaries %s",
-        endpoint.router_url,
-        report.routes,
-        report.loaded,
-        [c.model_dump() for c in report.canaries],
-    )
+    starting = start and running_endpoint(job.registry.model_name) is None
+    with accelerator() if starting else nullcontext():  # starting vLLM takes the device: never during a training
+        endpoint, report = deploy_aliases(job, start=start)
+    logger = get_run_logger()
+    for canary in report.canaries:
+        logger.info("canary %s-v%s: %s (%s)", job.registry.model_name, canary.version,
+                    "passed" if canary.passed else "FAILED", canary.reason)
+    logger.info("serving at %s/v1: routes %s, loaded %s, unloaded %s", endpoint.router_url, report.routes,
+                report.loaded, report.unloaded)
     return report

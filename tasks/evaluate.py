@@ -4,8 +4,9 @@ from loraflow.config.evaluation import EvalConfig
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.keys import eval_key
+from loraflow.outputs import run_step
 from loraflow.results import ChatResult, EvalResult, TrainResult
-from loraflow.steps import prefect_cache_key, run_step
+from tasks.prefect_glue import prefect_cache_key
 
 
 @task(name="evaluate", cache_key_fn=prefect_cache_key("evaluate", eval_key), persist_result=True)
@@ -14,7 +15,7 @@ def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: 
     key = eval_key(chat, trained, model, quant, evaluation)
 
     def produce(out):
-        from loraflow.evaluation import evaluate as measure
+        from loraflow.evaluation.evaluate import evaluate as measure
 
         return measure(chat, trained, model, quant, evaluation, out, key)
 

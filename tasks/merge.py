@@ -7,9 +7,9 @@ from prefect.cache_policies import NO_CACHE
 
 from loraflow.config.job import JobConfig
 from loraflow.keys import merge_key
-from loraflow.registry import attach_directory
+from loraflow.outputs import run_step
+from loraflow.registry.register import attach_directory
 from loraflow.results import MergeResult, RegisteredVersion, TrainResult
-from loraflow.steps import run_step
 
 
 # No Prefect cache: the content-addressed step directory already makes a repeat cheap, and the merged model must
@@ -21,7 +21,7 @@ def merge(config: JobConfig, trained: TrainResult, version: RegisteredVersion) -
     key = merge_key(trained.adapter_sha, config.model, config.merge)
 
     def produce(out_dir):
-        from loraflow.merge import merge_adapter
+        from loraflow.training.merge import merge_adapter
 
         return merge_adapter(trained.adapter_dir, trained.adapter_sha, config.model, config.merge, out_dir)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from loraflow import promotion as plain
 from loraflow.config.job import JobConfig
-from loraflow.registry import client_for
+from loraflow.registry import promote as plain
+from loraflow.registry.client import client_for
 from loraflow.results import EvalResult, RegisteredVersion
 
 

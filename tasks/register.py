@@ -1,10 +1,10 @@
 from prefect import task
 from prefect.runtime import flow_run
 
-from loraflow import registry as plain
 from loraflow.config.job import JobConfig
-from loraflow.links import prefect_run_tags, publish_mlflow_run
+from loraflow.registry import register as plain
 from loraflow.results import ChatResult, DatasetResult, EvalResult, RegisteredVersion, TrainResult
+from tasks.prefect_glue import prefect_run_tags, publish_mlflow_run
 
 
 # Not cached by Prefect: registration is idempotent on the registry side (same adapter + metrics = same version).
@@ -15,7 +15,7 @@ def register(job: JobConfig, config_path: str, dataset: DatasetResult, chat: Cha
     version = plain.register_adapter(job, config_path, dataset, chat, trained, evaluated,
                                      flow_run_id=flow_run.id or "", extra_tags=prefect_run_tags())
     # Both ways: the MLflow run is tagged with this flow run; this flow run gets a link + metrics table artifact.
-    publish_mlflow_run(tracking_uri=plain.tracking_uri(job.registry), experiment_id=version.experiment_id,
+    publish_mlflow_run(tracking_uri=version.tracking_uri, experiment_id=version.experiment_id,
                        run_id=version.run_id, metrics=evaluated.metrics, name=job.registry.model_name,
                        model_version=version.version)
     return version

@@ -2,13 +2,13 @@ from pathlib import Path
 
 from prefect import task
 
-from loraflow.concurrency import accelerator
 from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.keys import train_key
+from loraflow.outputs import run_step
 from loraflow.results import ChatResult, TrainResult
-from loraflow.steps import prefect_cache_key, run_step
+from tasks.prefect_glue import accelerator, prefect_cache_key
 
 
 # A retry (or a retried flow run) finds the checkpoints in the step's directory and resumes from the last one.
@@ -19,7 +19,7 @@ def train(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: Quant
     key = train_key(chat, model, lora, quant, training)
 
     def produce(out: Path) -> TrainResult:
-        from loraflow.train import train_adapter
+        from loraflow.training.train import train_adapter
 
         # Only real training holds the accelerator slot: a finished result is returned without waiting for it.
         with accelerator():

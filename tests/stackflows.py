@@ -13,8 +13,7 @@ from prefect import flow, task
 from prefect.runtime import flow_run
 
 from loraflow import paths
-from loraflow.concurrency import accelerator
-from loraflow.links import prefect_run_tags, publish_mlflow_run
+from tasks.prefect_glue import accelerator, prefect_run_tags, publish_mlflow_run
 
 PROBE_METRICS = {"base/perplexity": 9.0, "tuned/perplexity": 7.5, "train/loss": 1.25}
 

@@ -10,22 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 from lm_eval.tasks._yaml_loader import load_yaml
+from peft import PeftModel
 
-from loraflow.benchmarks import (
-    completions_url,
-    flatten_results,
-    resolve_include_path,
-    run_benchmarks,
-    served_model_args,
-    validate_tasks,
-)
-from loraflow.comparison import write_comparison
 from loraflow.config import ConfigError, load_config
 from loraflow.config.evaluation import BenchmarkConfig
 from loraflow.config.job import JobConfig
 from loraflow.config.lora import QuantizationConfig
-from loraflow.modeling import load_base_model, load_tokenizer, load_tuned_model, resolve_base
+from loraflow.evaluation.benchmarks import (
+    flatten_results,
+    resolve_include_path,
+    run_benchmarks,
+    validate_tasks,
+)
+from loraflow.evaluation.comparison import write_comparison
 from loraflow.tiny import kobest
+from loraflow.training.models import load_base_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 6  # items per task checked by hand
@@ -114,7 +113,8 @@ def test_lm_eval_scores_equal_a_hand_computation(
     base = load_base_model(job.model, job.quantization)
     base_run = run_benchmarks(base, tokenizer, bench, tmp_path, "base")
     del base
-    tuned = load_tuned_model(job.model, job.quantization, adapter_dir).eval()
+    base = load_base_model(job.model, job.quantization, quantized=True)
+    tuned = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
     tuned_run = run_benchmarks(tuned, tokenizer, bench, tmp_path, "tuned")
 
     results = json.loads(Path(tuned_run.results_file).read_text())
@@ -163,31 +163,6 @@ def test_hub_kobest_names_validate_and_a_missing_include_path_is_named() -> None
         validate_tasks(BenchmarkConfig(tasks=["kobest_copa"], include_path="/nonexistent/tasks"))
     with pytest.raises(ConfigError, match=r"eval\.benchmarks\.include_path"):
         resolve_include_path("embedded:nope")
-
-
-def test_served_model_arguments_build_an_lm_eval_completions_client(job: JobConfig) -> None:
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
-
-    assert completions_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1/completions"
-    assert completions_url("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/v1/completions"
-    tokenizer_dir = resolve_base(job.model)
-    args = served_model_args(
-        "http://127.0.0.1:8000/v1",
-        "tiny-ko-v3",
-        tokenizer_dir,
-        job.eval.benchmarks,
-        api_key="secret",
-        max_length=512,
-    )
-    lm = LocalCompletionsAPI(**args)  # lm-eval validates the arguments; no server is contacted
-    assert (lm.model, lm.base_url) == ("tiny-ko-v3", "http://127.0.0.1:8000/v1/completions")
-    assert lm.max_length == 511  # lm-eval keeps one position for the scored token
-    assert lm.header == {"Authorization": "Bearer secret"}
-    text = "대한민국은 민주공화국이다."
-    ids = lm.tok_encode(text)
-    assert ids == load_tokenizer(job.model)(text)["input_ids"]
-    payload = lm._create_payload([ids], generate=False)  # the body of a loglikelihood request
-    assert payload["model"] == "tiny-ko-v3" and payload["prompt"] == [ids] and payload["echo"] is True
 
 
 def test_flatten_results_names_and_drops_missing_stderr() -> None:

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from loraflow.chat import END_OF_TURN, ChatFormatError, assistant_spans, tokenize_conversation
 from loraflow.config.model import ModelConfig
-from loraflow.modeling import load_tokenizer
+from loraflow.data.format_chat import END_OF_TURN, ChatFormatError, assistant_spans, tokenize_conversation
+from loraflow.training.models import load_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "도우미"},

@@ -6,7 +6,7 @@ import pytest
 from datasets import load_from_disk
 
 from loraflow.config.data import DataConfig
-from loraflow.dataset import DatasetError, build_dataset
+from loraflow.data.build_dataset import DatasetError, build_dataset
 from loraflow.keys import dataset_key
 
 

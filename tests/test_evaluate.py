@@ -4,7 +4,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from loraflow.perplexity import assistant_perplexity
+from loraflow.evaluation.perplexity import assistant_perplexity
 
 
 def test_tuned_perplexity_beats_base_on_held_out_assistant_tokens(step_results):

@@ -4,7 +4,7 @@ from mlflow import MlflowClient
 
 from flows.finetune import finetune
 from loraflow import paths
-from tests.conftest import TINY_CONFIG, TINY_OVERRIDES
+from tests.fixtures import TINY_CONFIG, TINY_OVERRIDES
 
 LINEAGE = (
     "dataset_sha",

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraflow.config.model import ModelConfig
 from loraflow.config.serving import MergeConfig
-from loraflow.merge import CHECK_CONVERSATIONS, MergeMismatch, merge_adapter
 from loraflow.tiny.base import tiny_ko_dir
-from tests.serving_fixtures import ALL_LINEAR, make_adapter
+from loraflow.training.merge import CHECK_CONVERSATIONS, MergeMismatch, merge_adapter
+from tests.fixtures import ALL_LINEAR, make_adapter
 
 MODEL = ModelConfig(base="embedded:tiny-ko", device="cpu", dtype="float32")
 

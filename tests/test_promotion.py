@@ -9,18 +9,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from loraflow.cli import main
 from loraflow.config.promotion import PromotionConfig, Requirement
-from loraflow.promotion import (
-    CHALLENGER,
-    CHAMPION,
-    TAG_DECISION,
-    TAG_REASONS,
-    TAG_ROLLBACK,
-    judge,
-    main,
-    promote,
-    rollback,
-)
+from loraflow.errors import LoraflowError
+from loraflow.registry.promote import CHALLENGER, CHAMPION, TAG_DECISION, TAG_REASONS, judge, promote
+from loraflow.registry.rollback import TAG_MOVED, rollback
 
 POLICY = PromotionConfig(
     require=[
@@ -139,10 +132,10 @@ def test_rollback_moves_the_champion_and_a_rerun_does_not_undo_it(client, store,
     second = register(client, store[1], model_name, metrics(ppl=7.5, acc=0.60))
     promote(client, model_name, second, metrics(ppl=7.5, acc=0.60), policy)
 
-    assert main(["--tracking-uri", store[0], "rollback", "--model", model_name, "--version", first]) == 0
+    assert main(["rollback", model_name, first, "--tracking-uri", store[0]]) == 0
     assert f"champion v{second} -> v{first}" in capsys.readouterr().out
     assert aliases(client, model_name) == {CHAMPION: first}
-    moved = client.get_model_version(model_name, first).tags[TAG_ROLLBACK]
+    moved = client.get_model_version(model_name, first).tags[TAG_MOVED]
     assert moved.startswith(f"champion moved here from v{second}")
 
     # The flow reruns with the same inputs: the version was decided already, so the person's rollback stands.
@@ -150,19 +143,20 @@ def test_rollback_moves_the_champion_and_a_rerun_does_not_undo_it(client, store,
     assert not again.decided_now and again.alias == CHAMPION
     assert aliases(client, model_name) == {CHAMPION: first}
 
-    assert main(["--tracking-uri", store[0], "show", "--model", model_name]) == 0
+    assert main(["versions", model_name, "--tracking-uri", store[0]]) == 0
     shown = capsys.readouterr().out.splitlines()
     assert shown == [
         f"v{first}\taliases=champion\tdecision=champion",
         f"v{second}\taliases=-\tdecision=champion",
     ]
-    assert main(["--tracking-uri", store[0], "rollback", "--model", model_name, "--version", "99"]) == 1
+    assert main(["rollback", model_name, "99", "--tracking-uri", store[0]]) == 1
+    assert "v99" in capsys.readouterr().err
 
 
 def test_rollback_to_a_missing_version_fails_without_moving_anything(client, store, model_name) -> None:
     version = register(client, store[1], model_name, metrics(ppl=8.0, acc=0.55))
     rollback(client, model_name, version)
-    with pytest.raises(mlflow.exceptions.MlflowException):
+    with pytest.raises(LoraflowError, match="v7"):
         rollback(client, model_name, "7")
     assert aliases(client, model_name) == {CHAMPION: version}
 

@@ -1,6 +1,6 @@
 """The local stack through the user's commands: real Prefect server, process worker and MLflow server.
 
-The tests share one stack (tests/stack_fixtures.py) and run in file order; the last one restarts it.
+The tests share one stack (tests/fixtures.py) and run in file order; the last one restarts it.
 Timings are printed (`pytest -s`) and written to LORAFLOW_HOME/timings.json.
 """
 
@@ -12,6 +12,7 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from uuid import UUID
 
 import psutil
@@ -19,10 +20,10 @@ import pytest
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 
-from loraflow.concurrency import ACCELERATOR_LIMIT
-from loraflow.stack import recorded_process
-from loraflow.stack import status as stack_status
-from tests.stack_fixtures import TERMINAL, RunningStack, local_stack  # noqa: F401 (session fixture)
+from loraflow.localstack.lifecycle import recorded_process
+from loraflow.localstack.lifecycle import status as stack_status
+from loraflow.localstack.prefect_api import ACCELERATOR_LIMIT
+from tests.fixtures import TERMINAL, RunningStack
 from tests.stackflows import PROBE_METRICS
 
 pytestmark = pytest.mark.slow
@@ -32,10 +33,12 @@ def probe_record(stack: RunningStack, flow_run_id: UUID | str) -> dict[str, floa
     return json.loads((stack.home / "stack-probe" / f"{flow_run_id}.json").read_text())
 
 
-def run_deployment_cli(stack: RunningStack, name: str, *args: str) -> tuple[UUID, float]:
-    """`prefect deployment run <name> ...`; returns the flow run id and when the command was started."""
+def run_deployment_cli(stack: RunningStack, name: str, *args: str, new_shell: bool = False) -> tuple[UUID, float]:
+    """`prefect deployment run <name> ...`; returns the flow run id and when the command was started. `new_shell`:
+    with no Prefect variable set, as a person types it after `loraflow up` (the profile must lead to the server)."""
     started = time.time()
-    output = stack.prefect("deployment", "run", name, *args, check=False)
+    env = stack.new_shell_env() if new_shell else None
+    output = stack.cli("prefect", "deployment", "run", name, *args, check=False, env=env)
     found = re.findall(r"UUID: ([0-9a-f-]{36})", output.stdout)
     assert found, f"no flow run created:\n{output.stdout}\n{output.stderr}"
     return UUID(found[0]), started
@@ -47,7 +50,7 @@ def log_timing(stack: RunningStack, name: str, seconds: float) -> None:
     print(f"[timing] {name}: {seconds:.2f} s")
 
 
-def test_servers_started_healthy(local_stack: RunningStack) -> None:  # noqa: F811
+def test_servers_started_healthy(local_stack: RunningStack) -> None:
     for name in ("prefect-server", "mlflow-server", "worker", "deploy"):
         print(f"[timing] {name} ready: {local_stack.timings[name]:.1f} s")
     with local_stack.client() as client:
@@ -66,8 +69,9 @@ def test_servers_started_healthy(local_stack: RunningStack) -> None:  # noqa: F8
     )
 
 
-def test_deployment_run_logs_to_mlflow_and_links_both_ways(local_stack: RunningStack) -> None:  # noqa: F811
-    flow_run_id, requested = run_deployment_cli(local_stack, "link-probe/link", "--watch")
+def test_deployment_run_logs_to_mlflow_and_links_both_ways(local_stack: RunningStack) -> None:
+    """Typed in a new shell: no PREFECT_API_URL, only the `loraflow` profile that `up` made active."""
+    flow_run_id, requested = run_deployment_cli(local_stack, "link-probe/link", "--watch", new_shell=True)
     flow_run = local_stack.wait_for_flow_run(flow_run_id)
     assert flow_run.state.type == StateType.COMPLETED, flow_run.state
     record = probe_record(local_stack, flow_run_id)
@@ -105,7 +109,7 @@ def test_deployment_run_logs_to_mlflow_and_links_both_ways(local_stack: RunningS
     assert "| perplexity | 9.0000 | 7.5000 | -1.5000 |" in by_key["stack-probe-metrics"]
 
 
-def test_concurrent_runs_serialize_on_accelerator_limit(local_stack: RunningStack) -> None:  # noqa: F811
+def test_concurrent_runs_serialize_on_accelerator_limit(local_stack: RunningStack) -> None:
     hold = 8.0
     with ThreadPoolExecutor(2) as pool:
         launched = list(
@@ -126,7 +130,7 @@ def test_concurrent_runs_serialize_on_accelerator_limit(local_stack: RunningStac
         assert client.read_global_concurrency_limit_by_name(ACCELERATOR_LIMIT).active_slots == 0
 
 
-def test_scheduler_creates_runs_from_cron(local_stack: RunningStack) -> None:  # noqa: F811
+def test_scheduler_creates_runs_from_cron(local_stack: RunningStack) -> None:
     """`stack-probe/every-minute` (cron `* * * * *`), deployed at session start, gets runs that complete."""
     deadline = time.monotonic() + 150
     with local_stack.client() as client:
@@ -147,7 +151,7 @@ def test_scheduler_creates_runs_from_cron(local_stack: RunningStack) -> None:  #
     assert done[0].start_time - done[0].expected_start_time < timedelta(seconds=30)
 
 
-def test_bad_override_fails_fast_naming_the_field(local_stack: RunningStack) -> None:  # noqa: F811
+def test_bad_override_fails_fast_naming_the_field(local_stack: RunningStack) -> None:
     work_before = sorted(p.relative_to(local_stack.home) for p in (local_stack.home / "work").rglob("*"))
     flow_run_id, requested = run_deployment_cli(
         local_stack, "finetune/qwen-ko", "--param", 'overrides={"training.learning_rate": -1}', "--watch"
@@ -179,15 +183,16 @@ def flow_run_processes(stack: RunningStack, flow_run_id: UUID) -> list[psutil.Pr
     return []
 
 
-def test_killed_training_resumes_from_checkpoint_on_retry(local_stack: RunningStack) -> None:  # noqa: F811
+def test_killed_training_resumes_from_checkpoint_on_retry(local_stack: RunningStack) -> None:
     """Kill the flow run's process mid-training (SIGKILL: nothing gets to clean up), then `prefect flow-run
     retry`: the same run, same inputs, so the train step finds its content-addressed checkpoints."""
     # Serving has its own tests (tests/test_serving.py); here it would start vLLM on the default ports.
     overrides = json.dumps({"training.epochs": 1, "training.save_steps": 10, "serving.enabled": False})
-    flow_run_id, _ = run_deployment_cli(local_stack, "finetune/tiny-ko", "--param", f"overrides={overrides}")
+    flow_run_id, _ = run_deployment_cli(local_stack, "finetune/tiny-ko", "--param", f"overrides={overrides}",
+                                        new_shell=True)
     train_dir = local_stack.home / "work" / "train"
     deadline = time.monotonic() + 900
-    while not list(train_dir.glob("*/checkpoints/checkpoint-*/trainer_state.json")):
+    while not (done := list(train_dir.glob("*/checkpoints/checkpoint-*/trainer_state.json"))):
         run = local_stack.flow_run(flow_run_id)
         assert run.state.type not in TERMINAL, f"finished before a checkpoint was written: {run.state}"
         assert time.monotonic() < deadline, "no checkpoint after 900 s"
@@ -200,18 +205,29 @@ def test_killed_training_resumes_from_checkpoint_on_retry(local_stack: RunningSt
     assert crashed.state.type == StateType.CRASHED, crashed.state
     [run_dir] = train_dir.iterdir()
     assert not (run_dir / "train_metrics.json").exists(), "training finished before the kill"
+    # Checkpoints complete when the process died (a later one may have been half written: never resumed from).
+    saved = max(int(p.parent.name.rsplit("-", 1)[1]) for p in (run_dir / "checkpoints").glob("*/trainer_state.json"))
+    assert saved >= int(done[0].parent.name.rsplit("-", 1)[1])
 
     local_stack.prefect("flow-run", "retry", str(flow_run_id))
-    retried = local_stack.wait_for_flow_run(flow_run_id, timeout=1200)
-    assert retried.state.type == StateType.COMPLETED, retried.state
+    # The retry's own outcome: a terminal state newer than the crash, never the crash it was retried from.
+    retried = local_stack.wait_for_flow_run(flow_run_id, timeout=1200, after=crashed)
+    with local_stack.client() as client:
+        history = [(h.type.value, h.message) for h in client.read_flow_run_states(flow_run_id)]
+    worker_log = (local_stack.home / "logs" / "worker.log").read_text(errors="replace")[-4000:]
+    assert retried.state.type == StateType.COMPLETED, (retried.state, history, worker_log)
+    assert [t for t, _ in history].count("RUNNING") >= 2, history  # it really ran again
+    # It resumed: the trainer's first step in the retried process came after the last complete checkpoint.
     metrics = json.loads((run_dir / "train_metrics.json").read_text())
-    assert metrics["resumed_from_step"] >= 10, metrics
-    assert metrics["steps_this_process"] == metrics["global_steps"] - metrics["resumed_from_step"], metrics
+    assert metrics["resumed_from_step"] == saved, (metrics, saved)
+    assert metrics["steps_this_process"] == metrics["global_steps"] - saved, metrics
+    history_after = json.loads((run_dir / "log_history.json").read_text())
+    assert max(e["step"] for e in history_after if "loss" in e) > saved
     with local_stack.client() as client:
         assert client.read_global_concurrency_limit_by_name(ACCELERATOR_LIMIT).active_slots == 0
 
 
-def test_restart_keeps_state_and_down_leaves_no_process(local_stack: RunningStack) -> None:  # noqa: F811
+def test_restart_keeps_state_and_down_leaves_no_process(local_stack: RunningStack) -> None:
     with local_stack.client() as client:
         # Future runs of a schedule are recreated when `up` redeploys; finished runs must survive as they are.
         runs_before = {run.id for run in client.read_flow_runs() if run.state.type in TERMINAL}
@@ -222,11 +238,15 @@ def test_restart_keeps_state_and_down_leaves_no_process(local_stack: RunningStac
     stopped = local_stack.down()  # asserts every process it found is gone
     assert len(stopped) >= 3
     assert all(pid is None for pid in stack_status(local_stack.stack).values())
+    # The CLI of a new shell is handed back to its earlier profile, not left pointing at a dead server.
+    profiles = Path(local_stack.env["HOME"]) / ".prefect" / "profiles.toml"
+    assert 'active = "loraflow"' not in profiles.read_text()
 
     restarted_at = datetime.now(UTC)
     timings = local_stack.up()
     log_timing(local_stack, "restart: prefect-server healthy", timings["prefect-server"])
     log_timing(local_stack, "restart: mlflow-server healthy", timings["mlflow-server"])
+    assert 'active = "loraflow"' in profiles.read_text()
     with local_stack.client() as client:
         assert runs_before <= {run.id for run in client.read_flow_runs()}
         qwen = client.read_deployment_by_name("finetune/qwen-ko")

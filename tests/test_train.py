@@ -14,11 +14,11 @@ from loraflow.config import load_config
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.keys import train_key
-from loraflow.modeling import load_base_model
+from loraflow.outputs import run_step, step_dir
 from loraflow.results import TrainResult
-from loraflow.steps import run_step, step_dir
-from loraflow.train import train_adapter
-from tests.conftest import TINY_CONFIG
+from loraflow.training.models import load_base_model
+from loraflow.training.train import train_adapter
+from tests.fixtures import TINY_CONFIG
 
 
 def test_qlora_training_lowers_loss_and_saves_a_small_adapter(trained):
@@ -53,9 +53,9 @@ TRAIN_IN_CHILD = """
 import sys
 from loraflow.config import load_config
 from loraflow.results import ChatResult, TrainResult
-from loraflow.steps import run_step
+from loraflow.outputs import run_step
 from loraflow.keys import train_key
-from loraflow.train import train_adapter
+from loraflow.training.train import train_adapter
 chat = ChatResult.model_validate_json(open(sys.argv[1]).read())
 job = load_config(sys.argv[2], {overrides!r})
 key = train_key(chat, job.model, job.lora, job.quantization, job.training)

@@ -1,49 +1,33 @@
-"""Ask the served model through the `openai` client (the end of `make demo`):
-
-    python -m loraflow.serving.ask --config configs/tiny-ko.yaml "대한민국 헌법 제1조는 무엇입니까?"
-
-Lists /v1/models, then answers with the stable name (the champion) and with the versioned name it resolves to.
-"""
+"""ask: the served model through the `openai` client (the end of `loraflow demo`). Lists /v1/models, then asks the
+stable name (the champion) and the versioned name it resolves to."""
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from openai import OpenAI
 
-from loraflow.config import load_config
+from loraflow.config.job import JobConfig
+from loraflow.errors import LoraflowError
+from loraflow.serving.urls import openai_base_url
 from loraflow.serving.vllm_server import api_key
 
+DEFAULT_PROMPT = "대한민국 헌법 제1조는 무엇입니까?"
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loraflow.serving.ask", description=__doc__)
-    parser.add_argument("--config", default="configs/tiny-ko.yaml")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("prompt", nargs="?", default="대한민국 헌법 제1조는 무엇입니까?")
-    args = parser.parse_args(argv)
-    job = load_config(args.config)
+
+class NotServed(LoraflowError):
+    """The stable name is not served (no champion passed its canary yet)."""
+
+
+def ask(job: JobConfig, prompt: str = DEFAULT_PROMPT, max_tokens: int = 64) -> list[str]:
+    """Lines to print: the served names, then each answer as `[asked -> answered by] prompt` + reply."""
     stable = job.registry.model_name
     # vLLM ignores the key when none is configured; the client insists on some value.
-    client = OpenAI(base_url=f"http://{job.serving.host}:{job.serving.port}/v1", api_key=api_key(job.serving) or "none")
+    client = OpenAI(base_url=openai_base_url(job.serving), api_key=api_key(job.serving) or "none")
     models = {m.id: m for m in client.models.list().data}
-    print("models:", ", ".join(sorted(models)))
+    lines = [f"models: {', '.join(sorted(models))}"]
     if stable not in models:
-        print(
-            f"{stable!r} is not served: no champion passed its canary yet (python -m flows.serve)",
-            file=sys.stderr,
-        )
-        return 1
+        raise NotServed(f"{stable!r} is not served: no champion passed its canary yet (`loraflow serve CONFIG`)")
     for name in (stable, models[stable].root):
-        reply = client.chat.completions.create(
-            model=name,
-            messages=[{"role": "user", "content": args.prompt}],
-            max_tokens=args.max_tokens,
-            temperature=0,
-        )
-        print(f"\n[{name} -> {reply.model}] {args.prompt}\n{reply.choices[0].message.content}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=max_tokens, temperature=0)
+        lines.append(f"\n[{name} -> {reply.model}] {prompt}\n{reply.choices[0].message.content}")
+    return lines

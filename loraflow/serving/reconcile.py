@@ -18,11 +18,12 @@ from mlflow.entities.model_registry import ModelVersion
 from pydantic import BaseModel, ConfigDict
 
 from loraflow.config.job import JobConfig
+from loraflow.registry.client import client_at
 from loraflow.serving.canary import CanaryVerdict, run_canary
 from loraflow.serving.client import AdapterLoadError, ServingClient
 from loraflow.serving.names import version_of, versioned_name
+from loraflow.serving.records import Endpoint
 from loraflow.serving.registry_view import aliased_versions, download_version, failed_before, record_canary
-from loraflow.serving.stack import Endpoint
 from loraflow.serving.vllm_server import adapter_rank
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def reconcile(
     drain_timeout_s: float = 120,
 ) -> ReconcileReport:
     model = job.registry.model_name
-    registry = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    registry = client_at(tracking_uri)
     serving = endpoint.client(api_key)
     loaded = {n for n in serving.served_models() if version_of(model, n) is not None}
     current = serving.routes()["routes"].get(model)

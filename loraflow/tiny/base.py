@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from loraflow import paths
+from loraflow.data.templates import load_template
 from loraflow.hashing import code_sha, sha_of
-from loraflow.templates import load_template
 from loraflow.tiny import corpus
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,3 @@ def build(target: Path) -> Path:
     staging.rename(target)
     log.info("tiny-ko pretrain loss %.3f -> %.3f", losses[0], losses[-1])
     return target
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    print(tiny_ko_dir())

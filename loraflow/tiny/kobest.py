@@ -167,7 +167,3 @@ def tiny_kobest_dir() -> Path:
         except OSError:  # another process finished first; its copy is identical
             shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-if __name__ == "__main__":
-    print(tiny_kobest_dir())

@@ -3,8 +3,9 @@ from prefect import task
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.keys import chat_key
+from loraflow.outputs import run_step
 from loraflow.results import ChatResult, DatasetResult
-from loraflow.steps import prefect_cache_key, run_step
+from tasks.prefect_glue import prefect_cache_key
 
 
 @task(name="format_chat", cache_key_fn=prefect_cache_key("chat", chat_key), persist_result=True)
@@ -12,7 +13,7 @@ def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingCo
     key = chat_key(dataset, model, training)
 
     def produce(out):
-        from loraflow.chat import format_chat as render
+        from loraflow.data.format_chat import format_chat as render
 
         return render(dataset, model, training, out, key)
 

@@ -7,7 +7,6 @@ of `ModelConfig` / `QuantizationConfig`.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
@@ -15,7 +14,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import EMBEDDED_PREFIX, ModelConfig
-from loraflow.templates import load_template
+from loraflow.data.templates import load_template
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,8 @@ def bnb_config(quant: QuantizationConfig, device: str) -> BitsAndBytesConfig | N
 
 def disable_cpu_bf16_repack(model: torch.nn.Module) -> int:
     """bitsandbytes repacks 4-bit weights in place on the first no-grad forward on AVX512-BF16 CPUs; training
-    afterwards crashes or silently loses gradients (DESIGN §8). Turn that path off on every 4-bit layer."""
+    afterwards crashes or silently loses gradients (seen with bitsandbytes 0.50 on CPU). Turn that path off on every
+    4-bit layer."""
     import bitsandbytes as bnb
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -98,12 +98,3 @@ def load_base_model(model: ModelConfig, quant: QuantizationConfig, *, quantized:
     elif device == "cpu":
         disable_cpu_bf16_repack(loaded)
     return loaded
-
-
-def load_tuned_model(model: ModelConfig, quant: QuantizationConfig, adapter_dir: str | Path,
-                     *, quantized: bool = True) -> torch.nn.Module:
-    """Base + adapter (PEFT), loaded the way it was trained."""
-    from peft import PeftModel
-
-    base = load_base_model(model, quant, quantized=quantized)
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)

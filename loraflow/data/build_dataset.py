@@ -17,8 +17,8 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from loraflow.config.data import DataConfig, DataSource, FieldMapping
 from loraflow.hashing import sha_of
+from loraflow.outputs import write_json
 from loraflow.results import DatasetResult
-from loraflow.steps import write_json
 
 log = logging.getLogger(__name__)
 

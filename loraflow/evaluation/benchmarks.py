@@ -1,8 +1,7 @@
 """lm-evaluation-harness benchmarks on the base and on base + adapter, as a library.
 
-Scoring is lm-eval's own: `simple_evaluate` on an `HFLM` wrapping an already-loaded model (base or PEFT),
-or on a `local-completions` client of an OpenAI-compatible server (vLLM serving an adapter). Tasks come from
-lm-eval's index plus `include_path` (e.g. the offline tiny-ko KoBEST tasks).
+Scoring is lm-eval's own: `simple_evaluate` on an `HFLM` wrapping an already-loaded model (base or PEFT).
+Tasks come from lm-eval's index plus `include_path` (e.g. the offline tiny-ko KoBEST tasks).
 
 Metrics are flattened to `{"<task>/<metric>": value}`; standard errors are kept as `<task>/<metric>_stderr`
 where lm-eval computed one (it reports "N/A" for aggregations without one, which are dropped). A metric from a
@@ -152,46 +151,3 @@ def run_benchmarks(model: torch.nn.Module, tokenizer: Any, bench: BenchmarkConfi
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bench.batch_size)
     return _evaluate(lm, bench, out_dir, label)
-
-
-def completions_url(base_url: str) -> str:
-    """lm-eval's `local-completions` posts to the full endpoint; accept the server root or its /v1 too."""
-    url = base_url.rstrip("/")
-    if url.endswith("/completions"):
-        return url
-    return f"{url}/completions" if url.endswith("/v1") else f"{url}/v1/completions"
-
-
-def served_model_args(base_url: str, model_name: str, tokenizer: str, bench: BenchmarkConfig,
-                      *, api_key: str | None = None, max_length: int | None = None) -> dict[str, Any]:
-    """Arguments of lm-eval's `local-completions` model for a vLLM (OpenAI-compatible) server.
-
-    `model_name` is the served name (e.g. `tiny-ko-v3` for one adapter version); `tokenizer` a local
-    tokenizer folder (the adapter's), which loglikelihood scoring needs to split context and continuation the
-    way HFLM does. Requests are sent as token ids so the server scores exactly those tokens.
-    """
-    args: dict[str, Any] = {
-        "model": model_name,
-        "base_url": completions_url(base_url),
-        "tokenizer": tokenizer,
-        "tokenizer_backend": "huggingface",
-        "tokenized_requests": True,
-        "batch_size": bench.batch_size,
-    }
-    if max_length is not None:
-        args["max_length"] = max_length
-    if api_key:
-        args["header"] = {"Authorization": f"Bearer {api_key}"}
-    return args
-
-
-def run_benchmarks_served(base_url: str, model_name: str, tokenizer: str, bench: BenchmarkConfig,
-                          out_dir: Path, *, api_key: str | None = None,
-                          max_length: int | None = None) -> BenchmarkRun:
-    """Run the configured tasks against a model served on an OpenAI-compatible API (`local-completions`);
-    output files are named after the served model."""
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
-
-    lm = LocalCompletionsAPI(**served_model_args(base_url, model_name, tokenizer, bench,
-                                                 api_key=api_key, max_length=max_length))
-    return _evaluate(lm, bench, out_dir, model_name)

@@ -2,8 +2,9 @@ from prefect import task
 
 from loraflow.config.data import DataConfig
 from loraflow.keys import dataset_key
+from loraflow.outputs import run_step
 from loraflow.results import DatasetResult
-from loraflow.steps import prefect_cache_key, run_step
+from tasks.prefect_glue import prefect_cache_key
 
 
 # Retries cover hub downloads; a bad local file fails the same way every time and is reported at once.
@@ -13,7 +14,7 @@ def build_dataset(data: DataConfig) -> DatasetResult:
     key = dataset_key(data)
 
     def produce(out):
-        from loraflow.dataset import build_dataset as build
+        from loraflow.data.build_dataset import build_dataset as build
 
         return build(data, out, key)
 

@@ -2,7 +2,7 @@
 model computes what base + adapter computes before anyone serves it.
 
 Never merge into the 4-bit training base: bitsandbytes rounds the merged weights back to 4-bit, and on
-AVX512-BF16 CPUs the repacked weights give garbage (DESIGN §8).
+AVX512-BF16 CPUs the repacked weights give garbage.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.serving import MergeConfig
-from loraflow.modeling import device_for, dtype_for, load_base_model
 from loraflow.results import MergeResult
+from loraflow.training.models import device_for, dtype_for, load_base_model
 
 log = logging.getLogger(__name__)
 

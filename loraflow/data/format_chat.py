@@ -20,9 +20,9 @@ from datasets import DatasetDict, load_from_disk
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.keys import template_sha
-from loraflow.modeling import load_tokenizer
+from loraflow.outputs import write_json
 from loraflow.results import ChatResult, DatasetResult
-from loraflow.steps import write_json
+from loraflow.training.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.hashing import sha_of_files
-from loraflow.modeling import device_for, dtype_for, load_base_model, load_tokenizer
+from loraflow.outputs import write_json
 from loraflow.results import ChatResult, TrainResult
-from loraflow.steps import write_json
+from loraflow.training.models import device_for, dtype_for, load_base_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -
         save_total_limit=training.save_total_limit,
         seed=training.seed,
         data_seed=training.seed,
-        report_to=training.report_to,
+        report_to="none",  # the register step logs to MLflow
         use_cpu=device == "cpu",
         bf16=device == "cuda" and dtype == "bfloat16",
         fp16=False,

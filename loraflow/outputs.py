@@ -1,8 +1,8 @@
 """Content-addressed step outputs: the seam between plain functions and Prefect's cross-run cache.
 
-A step's key hashes everything its output depends on (upstream hashes, its config sections, its code). Its
-output lives in work/<step>/<key>/ and is complete once `result.json` is written (last, atomically). A cached
-result whose files are gone is a miss.
+A step's key (loraflow/keys.py) hashes everything its output depends on (upstream hashes, its config sections,
+its code). Its output lives in work/<step>/<key>/ and is complete once `result.json` is written (last,
+atomically). A cached result whose files are gone is a miss.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ R = TypeVar("R", bound=StepResult)
 
 def step_dir(step: str, key: str) -> Path:
     return paths.work_dir() / step / key
+
+
+def is_done(step: str, key: str) -> bool:
+    return (step_dir(step, key) / RESULT_FILE).is_file()
 
 
 def load_result(step: str, key: str, result_type: type[R]) -> R | None:
@@ -51,16 +55,6 @@ def run_step(step: str, key: str, result_type: type[R], produce: Callable[[Path]
     result = produce(out_dir)
     save_result(result)
     return result
-
-
-def prefect_cache_key(step: str, key_fn: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str | None]:
-    """A Prefect `cache_key_fn`: the step's content key while its files exist, else no cache (a miss)."""
-
-    def cache_key(_context: Any, parameters: dict[str, Any]) -> str | None:
-        key = key_fn(**parameters)
-        return f"{step}-{key}" if (step_dir(step, key) / RESULT_FILE).is_file() else None
-
-    return cache_key
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -5,24 +5,17 @@ or `champion` when the policy says `auto_champion`; a failing version keeps no a
 reasons are recorded on the version (tags `promotion.*` and its description). One decision per version: a
 rerun on an already decided version changes nothing, so a rerun never undoes a person's alias change.
 
-Nothing here takes `champion` away from a version except `rollback`, which a person runs:
-
-    python -m loraflow.promotion rollback --model tiny-ko --version 3
-    python -m loraflow.promotion show --model tiny-ko
+Nothing here takes `champion` away from a version: a person moves it (the MLflow UI, `loraflow promote`,
+`loraflow rollback`; see loraflow/registry/rollback.py).
 """
 
 from __future__ import annotations
-
-import argparse
-import sys
-from datetime import UTC, datetime
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
 
-from loraflow import paths
 from loraflow.config.promotion import PromotionConfig
 
 CHAMPION = "champion"
@@ -31,7 +24,6 @@ REJECTED = "rejected"
 TAG_DECISION = "promotion.decision"  # champion | challenger | rejected
 TAG_REASONS = "promotion.reasons"
 TAG_COMPARED_WITH = "promotion.compared_with"  # the champion version at decision time, or "none"
-TAG_ROLLBACK = "promotion.rollback"
 TAG_VALUE_LIMIT = 5000  # MLflow's bound on a model version tag value
 # Metrics are floats logged and read back; a gain equal to the bound must pass despite rounding.
 EPSILON = 1e-9
@@ -47,14 +39,6 @@ class PromotionDecision(BaseModel):
     compared_with: str | None  # champion version compared against
     reasons: list[str]
     decided_now: bool  # False: the version had been decided before; nothing changed
-
-
-class RollbackRecord(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    model_name: str
-    champion: str
-    previous_champion: str | None
 
 
 def judge(policy: PromotionConfig, metrics: dict[str, float], champion: dict[str, float] | None,
@@ -173,57 +157,3 @@ def promote(client: MlflowClient, model_name: str, version: str | int, metrics: 
     client.update_model_version(model_name, number, description=description)
     return PromotionDecision(model_name=model_name, version=number, passed=passed,
                              alias=alias, compared_with=compared_with, reasons=reasons, decided_now=True)
-
-
-def rollback(client: MlflowClient, model_name: str, version: str | int) -> RollbackRecord:
-    """Move `champion` to an existing version (a person's decision); the move is tagged on that version."""
-    target = client.get_model_version(model_name, str(version))  # fails clearly for an unknown version
-    number = str(target.version)
-    previous = champion_version(client, model_name)
-    previous_version = str(previous.version) if previous is not None else None
-    client.set_registered_model_alias(model_name, CHAMPION, number)
-    stamp = datetime.now(UTC).isoformat(timespec="seconds")
-    client.set_model_version_tag(model_name, number, TAG_ROLLBACK,
-                                 f"champion moved here from v{previous_version or 'none'} at {stamp}")
-    return RollbackRecord(model_name=model_name, champion=number, previous_champion=previous_version)
-
-
-def describe_versions(client: MlflowClient, model_name: str) -> list[str]:
-    """One line per version: aliases and the recorded decision."""
-    lines = []
-    for found in client.search_model_versions(f"name='{model_name}'"):
-        full = client.get_model_version(model_name, found.version)  # search results omit aliases
-        aliases = ",".join(full.aliases) or "-"
-        lines.append(f"v{full.version}\taliases={aliases}\tdecision={full.tags.get(TAG_DECISION, '-')}")
-    return sorted(lines, key=lambda line: int(line.split("\t")[0][1:]))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loraflow.promotion",
-                                     description="Move or inspect the `champion` alias of a model.")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="default: MLFLOW_TRACKING_URI, else the store under LORAFLOW_HOME")
-    commands = parser.add_subparsers(dest="command", required=True)
-    back = commands.add_parser("rollback", help="make an existing version the champion")
-    back.add_argument("--model", required=True)
-    back.add_argument("--version", required=True)
-    show = commands.add_parser("show", help="list versions with their aliases and promotion decisions")
-    show.add_argument("--model", required=True)
-    args = parser.parse_args(argv)
-
-    uri = args.tracking_uri or paths.default_tracking_uri()
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    try:
-        if args.command == "rollback":
-            record = rollback(client, args.model, args.version)
-            print(f"{record.model_name}: champion v{record.previous_champion or '-'} -> v{record.champion}")
-        else:
-            print("\n".join(describe_versions(client, args.model)))
-    except MlflowException as error:
-        print(f"error: {error.message}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

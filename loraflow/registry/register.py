@@ -18,35 +18,15 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 import loraflow
-from loraflow import paths
 from loraflow.config.job import JobConfig
 from loraflow.config.registry import RegistryConfig
 from loraflow.hashing import sha_of, sha_of_files
+from loraflow.registry.client import client_for, ensure_experiment, tracking_uri
 from loraflow.results import ChatResult, DatasetResult, EvalResult, RegisteredVersion, TrainResult
 
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "loraflow.run_key"
-
-
-def tracking_uri(registry: RegistryConfig) -> str:
-    return registry.tracking_uri or paths.default_tracking_uri()
-
-
-def client_for(registry: RegistryConfig) -> MlflowClient:
-    uri = tracking_uri(registry)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def ensure_experiment(client: MlflowClient, name: str) -> str:
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if client.tracking_uri.startswith("sqlite:"):
-        # An embedded store keeps artifacts beside it under LORAFLOW_HOME, not in ./mlruns.
-        location = (paths.default_artifact_root() / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
 
 
 def code_version() -> str:
@@ -126,7 +106,7 @@ def register_adapter(
         log.info("register: %s version %s already holds this adapter and these metrics", name, existing.version)
         return RegisteredVersion(model_name=name, version=str(existing.version), run_id=existing.run_id,
                                  experiment_id=client.get_run(existing.run_id).info.experiment_id,
-                                 source=existing.source, created=False)
+                                 source=existing.source, tracking_uri=tracking_uri(job.registry), created=False)
 
     lineage = {
         "dataset_sha": dataset.dataset_sha,
@@ -179,7 +159,8 @@ def register_adapter(
         raise
     log.info("register: %s version %s from run %s", name, version.version, run_id)
     return RegisteredVersion(model_name=name, version=str(version.version), run_id=run_id,
-                             experiment_id=experiment_id, source=source, created=True)
+                             experiment_id=experiment_id, source=source, tracking_uri=tracking_uri(job.registry),
+                             created=True)
 
 
 def attach_directory(registry: RegistryConfig, run_id: str, directory: str, artifact_path: str) -> None:

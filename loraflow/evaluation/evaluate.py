@@ -11,15 +11,15 @@ from pathlib import Path
 from datasets import load_from_disk
 from peft import PeftModel
 
-from loraflow import benchmarks
-from loraflow.comparison import TABLE_FILE, write_comparison
 from loraflow.config.evaluation import EvalConfig
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
-from loraflow.modeling import load_base_model, load_tokenizer
-from loraflow.perplexity import assistant_perplexity
+from loraflow.evaluation import benchmarks
+from loraflow.evaluation.comparison import TABLE_FILE, write_comparison
+from loraflow.evaluation.perplexity import assistant_perplexity
+from loraflow.outputs import write_json
 from loraflow.results import ChatResult, EvalResult, TrainResult
-from loraflow.steps import write_json
+from loraflow.training.models import load_base_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,231 @@
+"""loraflow: from a chat dataset to a served LoRA adapter, one command line.
+
+Each subcommand is a small typed function over the plain functions of the stages (the flows for `run` and
+`serve`):
+
+    loraflow up | down | status | demo             the local stack (Prefect server + worker + MLflow server)
+    loraflow run configs/tiny-ko.yaml --set training.epochs=1
+    loraflow serve configs/tiny-ko.yaml [--stop]   reconcile vLLM with the registry's aliases now
+    loraflow promote tiny-ko 3 | rollback tiny-ko 2 | versions tiny-ko
+    loraflow plan configs/qwen-ko.yaml [--json]    parameters and memory per mode, offline
+    loraflow ask configs/tiny-ko.yaml "질문"        the served champion through the openai client
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from loraflow import paths
+from loraflow.config import ConfigError, load_config
+from loraflow.env import configure_environment
+from loraflow.errors import LoraflowError
+
+DEFAULT_CONFIG = "configs/tiny-ko.yaml"
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set training.epochs=1` -> {"training.epochs": 1} (values parsed as YAML)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects FIELD=VALUE, got {pair!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def run(config: str, overrides: list[str]) -> int:
+    """The finetune flow in this process (Prefect's temporary server unless PREFECT_API_URL or a profile says
+    otherwise); leaves vLLM + router running when the config serves (`loraflow down` stops them)."""
+    from flows.finetune import finetune, validated_job
+    from loraflow.evaluation.comparison import comparison_table
+
+    parsed = parse_overrides(overrides)
+    validated_job(config, parsed)  # fail before Prefect starts, with the field path
+    summary = finetune(config=config, overrides=parsed or None)
+    reused = "new" if summary["new_version"] else "unchanged inputs: existing version reused"
+    print(f"\nregistered model {summary['model_name']!r} version {summary['version']} ({reused})")
+    print(f"MLflow tracking URI: {summary['tracking_uri']}  run: {summary['run_id']}")
+    promotion = summary["promotion"]
+    print(f"promotion: {promotion['alias'] or 'no alias'} - " + "; ".join(promotion["reasons"]))
+    if summary["served_routes"] is not None:
+        print(f"serving: {summary['served_routes']} (still running; `loraflow down` stops it)")
+    print(comparison_table(summary["metrics"]))
+    return 0
+
+
+def serve(config: str, stop: bool) -> int:
+    """One reconcile pass now (starting vLLM + router if needed), or stop the job's servers."""
+    job = load_config(config)
+    if stop:
+        from loraflow.serving.records import stop_job_servers
+
+        stopped = stop_job_servers(job.registry.model_name)
+        print(f"stopped {stopped}" if stopped else "nothing recorded as running")
+        return 0
+    from flows.serve import serve as serve_flow
+    from loraflow.serving.urls import openai_base_url
+
+    report = serve_flow(config=config)
+    print(f"serving at {openai_base_url(job.serving)}: routes {report.get('routes')} loaded {report.get('loaded')}")
+    return 0
+
+
+def _stack():
+    from loraflow.localstack.stack import Stack
+
+    return Stack.from_env()
+
+
+def up() -> int:
+    from loraflow.localstack.lifecycle import describe
+    from loraflow.localstack.lifecycle import up as start
+
+    stack = _stack()
+    for name, seconds in start(stack).items():
+        print(f"{name}: ready in {seconds:.1f} s")
+    print(describe(stack))
+    print("\nIn any shell: prefect deployment run finetune/tiny-ko --watch   (profile 'loraflow' is active)")
+    return 0
+
+
+def down() -> int:
+    from loraflow.localstack import profile
+    from loraflow.localstack.lifecycle import down as stop
+
+    stack = _stack()
+    stopped = stop(stack)
+    print(f"stopped {len(stopped)} process(es)" + (f": {stopped}" if stopped else ""))
+    print(profile.deactivate(stack))
+    return 0
+
+
+def status() -> int:
+    from loraflow.localstack.lifecycle import describe
+
+    print(describe(_stack()))
+    return 0
+
+
+def demo(config: str) -> int:
+    from loraflow.localstack.demo import demo as user_path
+
+    code = user_path(_stack())
+    return code or ask(config, None, 64)
+
+
+def registry_uri(explicit: str | None) -> str:
+    """Where alias moves go: `--tracking-uri`, else MLFLOW_TRACKING_URI, else the local stack's MLflow server when
+    it is up (only writes through the server fire its webhooks), else the embedded store."""
+    if explicit or os.environ.get("MLFLOW_TRACKING_URI"):
+        return explicit or os.environ["MLFLOW_TRACKING_URI"]
+    from loraflow.localstack.lifecycle import recorded_process
+
+    stack = _stack()
+    return stack.mlflow_url if recorded_process(stack, "mlflow-server") else paths.default_tracking_uri()
+
+
+def promote(model: str, version: str, alias: str, tracking_uri: str | None) -> int:
+    """A person's decision: point `alias` (default champion) at a version, whatever the policy said."""
+    from loraflow.registry.client import client_at
+    from loraflow.registry.rollback import move_alias
+
+    uri = registry_uri(tracking_uri)
+    moved = move_alias(client_at(uri), model, version, alias)
+    print(f"{moved.model_name}: {moved.alias} v{moved.previous or '-'} -> v{moved.version}")
+    return 0
+
+
+def rollback(model: str, version: str, tracking_uri: str | None) -> int:
+    return promote(model, version, "champion", tracking_uri)
+
+
+def versions(model: str, tracking_uri: str | None) -> int:
+    from loraflow.registry.client import client_at
+    from loraflow.registry.rollback import describe_versions
+
+    print("\n".join(describe_versions(client_at(registry_uri(tracking_uri)), model)))
+    return 0
+
+
+def plan(config: str, as_json: bool) -> int:
+    from loraflow.training.plan import format_plan, plan_job
+
+    planned = plan_job(load_config(config))
+    print(json.dumps(planned.model_dump(mode="json"), indent=2) if as_json else format_plan(planned))
+    return 0
+
+
+def ask(config: str, prompt: str | None, max_tokens: int) -> int:
+    from loraflow.serving.ask import DEFAULT_PROMPT
+    from loraflow.serving.ask import ask as ask_served
+
+    print("\n".join(ask_served(load_config(config), prompt or DEFAULT_PROMPT, max_tokens)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraflow", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[5:]))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def config_arg(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"job YAML (default {DEFAULT_CONFIG})")
+
+    sub = command("run", run, "run the finetune flow for a job config")
+    config_arg(sub)
+    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    sub = command("serve", serve, "make vLLM serve the registry's aliases now (or --stop the job's servers)")
+    config_arg(sub)
+    sub.add_argument("--stop", action="store_true")
+    command("up", up, "start the local stack (Prefect server, worker, MLflow server) and deploy")
+    command("down", down, "stop everything the local stack and its flows started")
+    command("status", status, "what runs, where, and for which LORAFLOW_HOME")
+    config_arg(command("demo", demo, "up, run finetune/tiny-ko through Prefect, then ask the champion"))
+    for name, handler, text in (("promote", promote, "point an alias (default champion) at a version"),
+                                ("rollback", rollback, "move champion back to a version")):
+        sub = command(name, handler, text)
+        sub.add_argument("model")
+        sub.add_argument("version")
+        if name == "promote":
+            sub.add_argument("--alias", default="champion", choices=["champion", "challenger"])
+        sub.add_argument("--tracking-uri", default=None)
+    sub = command("versions", versions, "list a model's versions with aliases and promotion decisions")
+    sub.add_argument("model")
+    sub.add_argument("--tracking-uri", default=None)
+    sub = command("plan", plan, "trainable/total parameters, adapter size and memory per mode, offline")
+    config_arg(sub)
+    sub.add_argument("--json", dest="as_json", action="store_true")
+    sub = command("ask", ask, "ask the served champion through the openai client")
+    config_arg(sub)
+    sub.add_argument("prompt", nargs="?", default=None)
+    sub.add_argument("--max-tokens", type=int, default=64)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    handler = args.pop("handler")
+    args.pop("command")
+    configure_environment()  # before Prefect is imported: every piece of state under LORAFLOW_HOME
+    try:
+        return handler(**args)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except LoraflowError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,1 @@
+"""Stage 3: base vs tuned, side by side (perplexity, lm-eval benchmarks, comparison)."""

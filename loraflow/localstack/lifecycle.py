@@ -1,0 +1,124 @@
+"""`loraflow up | down | status`: start what is not running, wait for health, create pool and limit, deploy, point
+the plain `prefect` CLI at the server; stop exactly what was started (serving included); say what runs.
+
+Every process is started detached in its own process group and recorded with its start time under
+LORAFLOW_HOME/run/; `down` stops exactly those process groups (and their descendants) and checks nothing is left.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+from loraflow.localstack import profile
+from loraflow.localstack.prefect_api import ensure_pool_and_limits, worker_online
+from loraflow.localstack.stack import HOST, PREFECT_FILE, REPO_ROOT, Stack, StackError
+from loraflow.process import (
+    ManagedProcess,
+    ProcessFailed,
+    is_healthy,
+    port_holder,
+    port_in_use,
+    read_record,
+    recorded,
+    stop_process,
+    write_record,
+)
+from loraflow.serving.records import running_servers, stop_all_servers
+
+# MLflow needs ~25 s to become healthy on an idle machine; give a loaded 2-core machine room.
+HEALTH_TIMEOUT_S = 180.0
+SERVICE_ORDER = ("prefect-server", "mlflow-server", "worker")
+
+
+def recorded_process(stack: Stack, name: str) -> psutil.Process | None:
+    """The live process `up` recorded for `name`; None if it is gone or its PID was reused."""
+    return recorded(read_record(stack.record_file(name)))
+
+
+def _start(stack: Stack, name: str) -> ManagedProcess:
+    service = stack.service(name)
+    if service.port is not None and port_in_use(HOST, service.port):
+        raise StackError(f"{name}: port {HOST}:{service.port} is taken by {port_holder(service.port)}, which this "
+                         "stack did not start; stop it or choose another port (LORAFLOW_PREFECT_PORT / "
+                         "LORAFLOW_MLFLOW_PORT)")
+    started = ManagedProcess(name, service.argv, service.env, stack.log_file(name), service.health_url,
+                             cwd=REPO_ROOT).start()
+    write_record(stack.record_file(name), started.record(home=str(stack.home)))
+    return started
+
+
+def deploy(stack: Stack, prefect_file: Path = PREFECT_FILE) -> None:
+    """`prefect deploy --all` from the repo root, exactly as a person would run it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
+        cwd=REPO_ROOT, env={**os.environ, **stack.client_env(), "PWD": str(REPO_ROOT)},
+        capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise StackError(f"prefect deploy failed ({prefect_file}):\n{result.stdout}\n{result.stderr}")
+
+
+def up(stack: Stack, prefect_file: Path | None = PREFECT_FILE) -> dict[str, float]:
+    """Start whatever is not running, wait for health, create pool and limit, deploy `prefect_file`, and make
+    the `loraflow` Prefect profile active. Returns seconds to healthy for each service started now."""
+    for sub in ("prefect", "mlflow"):
+        (stack.home / sub).mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    try:
+        servers = {name: (_start(stack, name), time.monotonic())
+                   for name in ("prefect-server", "mlflow-server") if recorded_process(stack, name) is None}
+        for name, (process, started) in servers.items():
+            process.wait_healthy(HEALTH_TIMEOUT_S)
+            timings[name] = time.monotonic() - started
+        for name in ("prefect-server", "mlflow-server"):
+            if not is_healthy(str(stack.service(name).health_url)):
+                raise StackError(f"{name} is recorded as running but does not answer; `loraflow down`, then up")
+        ensure_pool_and_limits(stack.prefect_api_url)
+        if recorded_process(stack, "worker") is None:
+            started, since = time.monotonic(), datetime.now(UTC)
+            _start(stack, "worker").wait_healthy(120.0, check=lambda: worker_online(stack.prefect_api_url, since))
+            timings["worker"] = time.monotonic() - started
+    except ProcessFailed as error:
+        raise StackError(str(error)) from None
+    if prefect_file is not None:
+        started = time.monotonic()
+        deploy(stack, prefect_file)
+        timings["deploy"] = time.monotonic() - started
+    profile.activate(stack)
+    return timings
+
+
+def down(stack: Stack) -> list[int]:
+    """Stop what flows started (vLLM + router of each served model), then the worker (it owns running flows),
+    then the servers; hand the `prefect` CLI back to the profile it used before `up`. Returns the PIDs stopped."""
+    stopped = stop_all_servers(stack.home)
+    for name in SERVICE_ORDER:
+        stopped += stop_process(recorded_process(stack, name))
+        stack.record_file(name).unlink(missing_ok=True)
+    return stopped
+
+
+def status(stack: Stack) -> dict[str, int | None]:
+    """PID of each recorded live service, None where it is not running."""
+    return {name: (process.pid if (process := recorded_process(stack, name)) else None) for name in SERVICE_ORDER}
+
+
+def describe(stack: Stack) -> str:
+    """What `loraflow status` prints: each service, the serving servers on this machine, the URLs."""
+    lines = [f"{name:15} {'running, pid ' + str(pid) if pid else 'stopped'}" for name, pid in status(stack).items()]
+    for server in running_servers(stack.home):
+        lines.append(f"{server.name:15} running, pid {server.pid} on port {server.port} ({server.owner})")
+    lines += [
+        "",
+        f"Prefect UI   {stack.prefect_ui_url}",
+        f"Prefect API  {stack.prefect_api_url}   (profile {profile.PROFILE!r}: {profile.state()})",
+        f"MLflow UI    {stack.mlflow_url}",
+        f"logs         {stack.log_dir}",
+    ]
+    return "\n".join(lines)

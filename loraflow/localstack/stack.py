@@ -1,0 +1,170 @@
+"""What the local stack is: a Prefect server, a process worker and an MLflow tracking server on 127.0.0.1, their
+ports, URLs, command lines and the environment a client needs to reach them (`loraflow up` starts them:
+loraflow/localstack/lifecycle.py).
+
+State (Prefect's and MLflow's SQLite databases, MLflow artifacts, logs, process records) lives under
+LORAFLOW_HOME, so stopping and starting again keeps schedules, runs and the model registry.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraflow import paths
+from loraflow.errors import LoraflowError
+from loraflow.localstack.prefect_api import POOL, WORKER_NAME
+
+HOST = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
+
+
+class StackError(LoraflowError):
+    """The stack could not be started, reached or stopped; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int | None  # None: listens nowhere (the worker)
+    health_url: str | None  # None: health is checked some other way (the worker registers with its pool)
+
+
+@dataclass(frozen=True)
+class Stack:
+    home: Path
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    # How often the worker asks for due runs: the bulk of the delay from `deployment run` to flow start.
+    worker_poll_seconds: float = 2.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Stack:
+        return cls(
+            home=paths.home(),
+            prefect_port=int(os.environ.get("LORAFLOW_PREFECT_PORT", "4200")),
+            mlflow_port=int(os.environ.get("LORAFLOW_MLFLOW_PORT", "5000")),
+            worker_poll_seconds=float(os.environ.get("LORAFLOW_WORKER_POLL_SECONDS", "2")),
+        )
+
+    @property
+    def prefect_ui_url(self) -> str:
+        return f"http://{HOST}:{self.prefect_port}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"{self.prefect_ui_url}/api"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    def client_env(self) -> dict[str, str]:
+        """What a process needs to talk to this stack: the CLI, the worker, and the flows it runs."""
+        return {
+            "LORAFLOW_HOME": str(self.home),
+            "PREFECT_HOME": str(self.home / "prefect"),
+            "PREFECT_API_URL": self.prefect_api_url,
+            "PREFECT_UI_URL": self.prefect_ui_url,
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "DO_NOT_TRACK": "true",
+            **self.extra_env,
+        }
+
+    def services(self) -> list[Service]:
+        python = sys.executable
+        env = {**os.environ, **self.client_env()}
+        mlflow_dir = self.home / "mlflow"
+        prefect_db = self.home / "prefect" / "prefect.db"
+        prefect_server = Service(
+            name="prefect-server",
+            argv=[
+                python,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                HOST,
+                "--port",
+                str(self.prefect_port),
+                "--analytics-off",
+            ],
+            env={
+                **env,
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_db}",
+            },
+            port=self.prefect_port,
+            health_url=f"{self.prefect_api_url}/health",
+        )
+        mlflow_server = Service(
+            name="mlflow-server",
+            argv=[
+                python,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                HOST,
+                "--port",
+                str(self.mlflow_port),
+                "--workers",
+                "1",
+                # Same store as the embedded default (loraflow.paths), so both modes share one registry.
+                "--backend-store-uri",
+                f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(mlflow_dir / "artifacts"),
+                "--serve-artifacts",
+            ],
+            # Server-side jobs (GenAI scorers, trace rollups) add 8 processes; this stack has no use for them.
+            env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            port=self.mlflow_port,
+            health_url=f"{self.mlflow_url}/health",
+        )
+        worker = Service(
+            name="worker",
+            argv=[
+                python,
+                "-m",
+                "prefect",
+                "worker",
+                "start",
+                "--pool",
+                POOL,
+                "--type",
+                "process",
+                "--name",
+                WORKER_NAME,
+            ],
+            env={**env, "PREFECT_WORKER_QUERY_SECONDS": str(self.worker_poll_seconds)},
+            port=None,
+            health_url=None,
+        )
+        return [prefect_server, mlflow_server, worker]
+
+    def service(self, name: str) -> Service:
+        return next(service for service in self.services() if service.name == name)
+
+    def record_file(self, name: str) -> Path:
+        return self.run_dir / f"{name}.json"
+
+    def log_file(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def flow_run_url(self, flow_run_id: object) -> str:
+        return f"{self.prefect_ui_url}/runs/flow-run/{flow_run_id}"

@@ -1,0 +1,1 @@
+"""Stage 4: the MLflow Model Registry (register, promote, rollback) and the one place a client is built."""

@@ -1,0 +1,1 @@
+"""Stage 2: QLoRA/LoRA training, model loading, merging and the memory plan."""

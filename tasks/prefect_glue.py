@@ -1,0 +1,105 @@
+"""Prefect glue shared by the tasks: cross-run cache keys, the `accelerator` slot, and the links between a
+Prefect flow run and its MLflow run. The plain functions under loraflow/ know nothing of Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
+
+from loraflow.evaluation.comparison import comparison_table
+from loraflow.localstack.prefect_api import ACCELERATOR_LIMIT, ensure_limit
+from loraflow.outputs import is_done
+from loraflow.registry.client import run_url
+
+# A killed run keeps its slot until the lease expires; a short lease lets its retry start soon after.
+# The lease is renewed in the background while the work runs, so long trainings are unaffected.
+LEASE_SECONDS = 60
+
+
+def prefect_cache_key(step: str, key_fn: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str | None]:
+    """A Prefect `cache_key_fn`: the step's content key while its files exist, else no cache (a miss)."""
+
+    def cache_key(_context: Any, parameters: dict[str, Any]) -> str | None:
+        key = key_fn(**parameters)
+        return f"{step}-{key}" if is_done(step, key) else None
+
+    return cache_key
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+@contextmanager
+def accelerator(timeout_seconds: float | None = None) -> Iterator[None]:
+    """Hold the machine's accelerator for the body; waits (forever by default) while another run holds it.
+
+    Prefect only counts slots against a limit that exists, and with `strict=False` a missing limit silently
+    lets everyone through: so the limit is created on first use (size 1) and taken with `strict=True`.
+    """
+    ensure_limit()
+    logger = _logger()
+    logger.info("Waiting for concurrency slot %r", ACCELERATOR_LIMIT)
+    # A transient failure to renew the lease must not kill hours of training: keep going.
+    with concurrency(ACCELERATOR_LIMIT, occupy=1, timeout_seconds=timeout_seconds, lease_duration=LEASE_SECONDS,
+                     strict=True, raise_on_lease_renewal_failure=False):
+        logger.info("Holding concurrency slot %r", ACCELERATOR_LIMIT)
+        yield
+    logger.info("Released concurrency slot %r", ACCELERATOR_LIMIT)
+
+
+def prefect_flow_run_url(flow_run_id: str) -> str | None:
+    """The flow run's page in the Prefect UI, or None when no UI is reachable (ephemeral mode)."""
+    ui_url = PREFECT_UI_URL.value()
+    return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui_url else None
+
+
+def prefect_run_tags() -> dict[str, str]:
+    """Tags naming the current Prefect flow run, for the MLflow run; empty outside a flow run."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return {}
+    tags = {"prefect.flow_run_id": run_id, "prefect.flow_run_name": flow_run.get_name() or ""}
+    url = prefect_flow_run_url(run_id)
+    if url:
+        tags["prefect.flow_run_url"] = url
+    return tags
+
+
+def artifact_key(name: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def publish_mlflow_run(*, tracking_uri: str, experiment_id: str, run_id: str, metrics: Mapping[str, float],
+                       name: str, model_version: str | None = None) -> str | None:
+    """Create the link and metrics artifacts on the current Prefect run; returns the MLflow run URL if any.
+
+    `name` (e.g. the registered model name) keys the artifacts, so the Artifacts page keeps a history per job.
+    """
+    key = artifact_key(name)
+    url = run_url(tracking_uri, experiment_id, run_id)
+    if url:
+        create_link_artifact(link=url, link_text=f"MLflow run {run_id}", key=f"{key}-mlflow-run",
+                             description=f"MLflow run of this flow run ({tracking_uri})")
+    header = [f"### {name}: MLflow run `{run_id}`"]
+    header.append(f"[open in MLflow]({url})" if url else f"tracking store: `{tracking_uri}`")
+    if model_version:
+        header.append(f"registered version: **{model_version}**")
+    create_markdown_artifact(markdown="\n\n".join([*header, comparison_table(metrics)]), key=f"{key}-metrics",
+                             description="Metrics logged to MLflow, base vs tuned")
+    return url

@@ -6,7 +6,7 @@ from loraflow.config.model import ModelConfig
 from loraflow.keys import eval_key
 from loraflow.outputs import run_step
 from loraflow.results import ChatResult, EvalResult, TrainResult
-from tasks.prefect_glue import prefect_cache_key
+from tasks.prefect_glue import accelerator, prefect_cache_key
 
 
 @task(name="evaluate", cache_key_fn=prefect_cache_key("evaluate", eval_key), persist_result=True)
@@ -17,6 +17,7 @@ def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: 
     def produce(out):
         from loraflow.evaluation.evaluate import evaluate as measure
 
-        return measure(chat, trained, model, quant, evaluation, out, key)
+        with accelerator():  # base and tuned models are loaded on the device: never beside a training
+            return measure(chat, trained, model, quant, evaluation, out, key)
 
     return run_step("evaluate", key, EvalResult, produce)

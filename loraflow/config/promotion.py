@@ -17,6 +17,10 @@ class Requirement(Section):
     higher_is_better: bool = True
     min_gain_over_base: float | None = 0.0
     min_gain_over_champion: float | None = 0.0
+    # How many standard errors of the difference a gain may fall short of its minimum: lm-eval reports each
+    # score's standard error (`<metric>_stderr`), and two equally good adapters differ by about one of them.
+    # 0: the minimum gains are strict.
+    stderr_tolerance: float = Field(default=0.0, ge=0)
 
 
 class PromotionConfig(Section):

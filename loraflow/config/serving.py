@@ -10,10 +10,16 @@ from loraflow.config.base import Section
 
 
 class MergeConfig(Section):
+    """merge_and_unload into a full-precision reload of the base (never the 4-bit training base). The merge and its
+    check run in fp32; the result is saved in `dtype`."""
+
     enabled: bool = False
-    # `auto` keeps the model section's dtype (fp32 on CPU, bf16 on CUDA); never the 4-bit training base.
+    # The saved dtype: `auto` is the model section's (the serving dtype: fp32 on CPU, bf16 on a bf16 GPU).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # merged logits must match base + adapter within this bound on the check prompts
+    # Where the fp32 merge runs: `auto` = model.device. fp32 weights are 4 bytes/parameter (7B: ~31 GB), so on a
+    # 24 GB GPU set `cpu` (needs that much RAM).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # merged logits must match base + adapter (both fp32) within this bound on the check prompts
     max_abs_logit_diff: float = Field(default=1e-3, gt=0)
 
 
@@ -49,6 +55,12 @@ class ServingConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # vLLM's CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on CUDA.
     cpu_kv_cache_gib: int = Field(default=1, gt=0)
+    # The fraction of each GPU's memory vLLM takes for weights + KV cache (vLLM's default 0.9 leaves no room for a
+    # training on the same GPU: docs/stack.md). None: vLLM's default. Ignored on CPU.
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    # Multi-GPU serving of a large base: vLLM's tensor and pipeline parallel sizes (GPUs = their product).
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    pipeline_parallel_size: int = Field(default=1, gt=0)
     startup_timeout_s: float = Field(default=300, gt=0)
     # Registry aliases served under their versioned names; `champion` also answers to the stable name.
     aliases: list[str] = Field(default_factory=lambda: ["champion", "challenger"], min_length=1)

@@ -11,6 +11,8 @@ Nothing here takes `champion` away from a version: a person moves it (the MLflow
 
 from __future__ import annotations
 
+import math
+
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -56,10 +58,13 @@ def judge(policy: PromotionConfig, metrics: dict[str, float], champion: dict[str
             check(False, f"tuned/{req.metric} was not measured")
             continue
         sign = 1.0 if req.higher_is_better else -1.0
-        sides = [("base", metrics.get(f"base/{req.metric}"), req.min_gain_over_base)]
+        tuned_se = metrics.get(f"tuned/{req.metric}_stderr", 0.0)
+        sides = [("base", metrics.get(f"base/{req.metric}"), metrics.get(f"base/{req.metric}_stderr", 0.0),
+                  req.min_gain_over_base)]
         if champion is not None:
-            sides.append((champion_label, champion.get(f"tuned/{req.metric}"), req.min_gain_over_champion))
-        for side, reference, min_gain in sides:
+            sides.append((champion_label, champion.get(f"tuned/{req.metric}"),
+                          champion.get(f"tuned/{req.metric}_stderr", 0.0), req.min_gain_over_champion))
+        for side, reference, reference_se, min_gain in sides:
             if min_gain is None:
                 continue
             if reference is None:
@@ -69,8 +74,11 @@ def judge(policy: PromotionConfig, metrics: dict[str, float], champion: dict[str
                     reasons.append(f"note: {side} has no {req.metric}; not compared")
                 continue
             gain = sign * (tuned - reference)
-            check(gain >= min_gain - EPSILON, f"{req.metric} {tuned:.4g} vs {side} {reference:.4g}: "
-                                              f"gain {gain:+.4g}, need >= {min_gain:+.4g}")
+            # Two scores on the same items each carry lm-eval's standard error; their difference one of ~sqrt(2)x.
+            slack = req.stderr_tolerance * math.hypot(tuned_se, reference_se)
+            need = f"need >= {min_gain:+.4g}" + (f" - {slack:.4g} ({req.stderr_tolerance:g} s.e.)" if slack else "")
+            check(gain >= min_gain - slack - EPSILON, f"{req.metric} {tuned:.4g} vs {side} {reference:.4g}: "
+                                                      f"gain {gain:+.4g}, {need}")
 
     bound = policy.max_perplexity_regression
     tuned_ppl = metrics.get("tuned/perplexity")

@@ -21,7 +21,7 @@ from loraflow.serving.names import base_name
 from loraflow.serving.records import Endpoint
 from loraflow.serving.urls import VLLM_HOST, router_url, vllm_url
 from loraflow.serving.vllm_server import VllmLaunch, adapter_rank, vllm_lora_rank, vllm_process
-from loraflow.training.models import device_for, resolve_base
+from loraflow.training.models import device_for, dtype_for, resolve_base
 
 
 @dataclass
@@ -39,10 +39,11 @@ class ServingStack:
 
 
 def served_dtype(job: JobConfig) -> str:
-    """`auto` means fp32 on CPU (greedy output then equals transformers token for token) and bf16 on CUDA."""
+    """`auto` is the model's dtype on its device: fp32 on CPU (greedy output then equals transformers token for
+    token), bf16 on a GPU that has it, fp16 on one that has not."""
     if job.serving.dtype != "auto":
         return job.serving.dtype
-    return "float32" if device_for(job.model) == "cpu" else "bfloat16"
+    return str(dtype_for(job.model.dtype, device_for(job.model))).removeprefix("torch.")
 
 
 def max_lora_rank(job: JobConfig, adapter_dirs: list[str | Path]) -> int:

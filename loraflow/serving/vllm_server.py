@@ -83,6 +83,12 @@ def vllm_command(config: ServingConfig, launch: VllmLaunch) -> list[str]:
         command += ["--revision", launch.revision]
     if config.max_model_len is not None:
         command += ["--max-model-len", str(config.max_model_len)]
+    if config.gpu_memory_utilization is not None:
+        command += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+    if config.tensor_parallel_size > 1:
+        command += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
+    if config.pipeline_parallel_size > 1:
+        command += ["--pipeline-parallel-size", str(config.pipeline_parallel_size)]
     return command + list(config.extra_args)
 
 

@@ -40,10 +40,17 @@ def device_for(model: ModelConfig) -> str:
 
 
 def dtype_for(name: str, device: str) -> torch.dtype:
-    """`auto` is bf16 on CUDA and fp32 on CPU (bf16 matmuls are slow or inexact on most CPUs)."""
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return DTYPES[name]
+    """`auto`: bf16 on a GPU that has it (compute capability >= 8: A10, A100, H100), fp16 on one that has not (T4,
+    V100), fp32 on CPU (bf16 matmuls are slow or inexact on most CPUs). An explicit bf16 on a GPU without it fails
+    here, before any weight is loaded."""
+    if device == "cuda" and (name == "auto" or DTYPES[name] == torch.bfloat16):
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if name != "auto":
+            raise ValueError("model.dtype: bfloat16 is not supported by this GPU (e.g. a T4 or V100); set "
+                             "`dtype: auto` (fp16 there) or `dtype: float16`")
+        return torch.float16
+    return torch.float32 if name == "auto" else DTYPES[name]
 
 
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:

@@ -10,7 +10,9 @@ import logging
 import resource
 import time
 from pathlib import Path
+from typing import Any
 
+import torch
 from datasets import load_from_disk
 from peft import LoraConfig
 from transformers import TrainerCallback
@@ -40,10 +42,12 @@ def peft_config(lora: LoraSettings) -> LoraConfig:
     )
 
 
-def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -> SFTConfig:
+def sft_arguments(training: TrainingConfig, model: ModelConfig, output_dir: Path) -> dict[str, Any]:
+    """Everything SFTConfig gets, as plain values: what a CPU test asserts for the CUDA config (SFTConfig itself
+    refuses bf16 on a machine without a GPU)."""
     device = device_for(model)
     dtype = dtype_for(model.dtype, device)
-    return SFTConfig(
+    return dict(
         output_dir=str(output_dir),
         num_train_epochs=training.epochs,
         max_steps=training.max_steps,
@@ -54,6 +58,9 @@ def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -
         per_device_train_batch_size=training.batch_size,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         gradient_checkpointing=training.gradient_checkpointing,
+        # Non-reentrant checkpointing: the reentrant one loses the LoRA gradients of a frozen 4-bit base and breaks
+        # under DDP.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
         optim=training.optim,
         max_length=training.max_length,
         packing=training.packing,
@@ -65,11 +72,16 @@ def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -
         data_seed=training.seed,
         report_to="none",  # the register step logs to MLflow
         use_cpu=device == "cpu",
-        bf16=device == "cuda" and dtype == "bfloat16",
-        fp16=False,
+        # Mixed precision follows the model's dtype on a GPU (bf16 where the GPU has it, fp16 on a T4).
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+
+
+def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -> SFTConfig:
+    return SFTConfig(**sft_arguments(training, model, output_dir))
 
 
 class StepTimer(TrainerCallback):

@@ -1,0 +1,110 @@
+"""The flagship job on a machine without a GPU: every argument the qwen-ko config builds for CUDA (training, 4-bit
+loading, merging, vLLM) is built here by the same code and asserted, without loading a weight. The GPU's one
+property the code asks about, bf16 support, is the only thing patched: no GPU exists here to answer it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from trl import SFTConfig
+
+from loraflow.config import JobConfig, load_config
+from loraflow.registry.promote import judge
+from loraflow.serving.names import base_name
+from loraflow.serving.servers import max_lora_rank, served_dtype
+from loraflow.serving.vllm_server import VllmLaunch, vllm_command
+from loraflow.training.models import bnb_config, dtype_for
+from loraflow.training.train import peft_config, sft_arguments
+
+SHA = "a09a35458c702b33eeacc393d103063234e8bc28"
+
+
+@pytest.fixture
+def qwen() -> JobConfig:
+    return load_config("configs/qwen-ko.yaml")
+
+
+@pytest.fixture
+def bf16_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # an A100/H100
+
+
+@pytest.fixture
+def t4(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+
+
+def test_sft_arguments_on_a_bf16_gpu(qwen: JobConfig, bf16_gpu: None, tmp_path: Path) -> None:
+    args = sft_arguments(qwen.training, qwen.model, tmp_path)
+    assert (args["bf16"], args["fp16"], args["use_cpu"]) == (True, False, False)
+    assert args["optim"] == "paged_adamw_8bit"
+    assert args["gradient_checkpointing"] is True
+    assert args["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    batch = (args["per_device_train_batch_size"], args["gradient_accumulation_steps"], args["max_length"])
+    assert batch == (4, 4, 2048)
+    assert args["learning_rate"] == 2e-4 and args["lr_scheduler_type"] == "cosine"
+    # Everything else validates in SFTConfig itself (which refuses mixed precision where no GPU exists).
+    config = SFTConfig(**{**args, "bf16": False, "use_cpu": True})
+    assert config.optim == "paged_adamw_8bit" and config.gradient_checkpointing
+
+
+def test_sft_arguments_on_a_t4_use_fp16(qwen: JobConfig, t4: None, tmp_path: Path) -> None:
+    args = sft_arguments(qwen.training, qwen.model, tmp_path)
+    assert (args["bf16"], args["fp16"]) == (False, True)
+
+
+def test_explicit_bf16_on_a_t4_fails_before_loading(qwen: JobConfig, t4: None) -> None:
+    with pytest.raises(ValueError, match=r"model\.dtype: bfloat16 is not supported"):
+        dtype_for("bfloat16", "cuda")
+
+
+def test_four_bit_config_is_nf4_double_quant_with_gpu_compute_dtype(qwen: JobConfig, bf16_gpu: None) -> None:
+    bnb = bnb_config(qwen.quantization, "cuda")
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_lora_on_the_seven_projections(qwen: JobConfig) -> None:
+    lora = peft_config(qwen.lora)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 32, 0.05)
+    assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_vllm_command_line(qwen: JobConfig, bf16_gpu: None, tmp_path: Path) -> None:
+    launch = VllmLaunch(base=qwen.model.base, revision=SHA, served_base_name=base_name("qwen-ko"),
+                        chat_template=tmp_path / "t.jinja", dtype=served_dtype(qwen),
+                        max_lora_rank=max_lora_rank(qwen, []))
+    command = vllm_command(qwen.serving, launch)
+
+    def value(flag: str) -> str:
+        return command[command.index(flag) + 1]
+
+    assert value("--model") == "Qwen/Qwen2.5-7B-Instruct" and value("--revision") == SHA
+    assert (value("--dtype"), value("--max-lora-rank"), value("--gpu-memory-utilization")) == ("bfloat16", "16", "0.45")
+    assert (value("--port"), value("--host"), value("--max-model-len")) == ("8101", "127.0.0.1", "4096")
+    assert "--enable-lora" in command and "--tensor-parallel-size" not in command
+    assert (qwen.serving.port, qwen.serving.host) == (8100, "127.0.0.1")
+
+
+def test_merge_runs_in_fp32_on_the_cpu_and_saves_bf16(qwen: JobConfig, bf16_gpu: None) -> None:
+    assert (qwen.merge.enabled, qwen.merge.device, qwen.merge.max_abs_logit_diff) == (True, "cpu", 1e-3)
+    assert dtype_for(qwen.model.dtype if qwen.merge.dtype == "auto" else qwen.merge.dtype, "cuda") == torch.bfloat16
+
+
+def test_gate_allows_one_standard_error_against_the_champion(qwen: JobConfig) -> None:
+    """An adapter as good as the champion, one point lower on one task (within one s.e.), passes; three lower fails."""
+    tasks = {"kobest_boolq/acc": 0.80, "kobest_copa/acc": 0.75, "kobest_hellaswag/acc_norm": 0.55,
+             "kobest_sentineg/acc": 0.90, "kobest_wic/acc": 0.60}
+    champion = {f"tuned/{k}": v for k, v in tasks.items()} | {f"tuned/{k}_stderr": 0.013 for k in tasks}
+    champion["tuned/perplexity"] = 5.0
+
+    def candidate(copa: float) -> dict[str, float]:
+        scores = {**tasks, "kobest_copa/acc": copa}
+        return ({f"tuned/{k}": v for k, v in scores.items()} | {f"base/{k}": v - 0.02 for k, v in tasks.items()}
+                | {f"tuned/{k}_stderr": 0.013 for k in tasks} | {"tuned/perplexity": 5.0, "base/perplexity": 6.0})
+
+    assert judge(qwen.promotion, candidate(0.74), champion)[0]
+    passed, reasons = judge(qwen.promotion, candidate(0.72), champion)
+    assert not passed and any(r.startswith("fail: kobest_copa/acc") and "1 s.e." in r for r in reasons)

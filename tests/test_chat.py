@@ -63,3 +63,32 @@ def test_template_that_leaves_im_end_outside_the_mask_is_refused(tmp_path):
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     with pytest.raises(ChatFormatError, match="never learn to stop"):
         tokenize_conversation(tokenizer, CONVERSATION, end)
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "description": "오늘 날씨",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"city": {"type": "string"}}}}}
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "서울 날씨는?"},
+    # What an OpenAI client sends back after a tool call: content null, the call under tool_calls.
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "서울"}}}]},
+    {"role": "tool", "content": "맑음"},
+    {"role": "assistant", "content": "서울은 맑습니다."},
+]
+
+
+def test_tool_turns_render_as_qwen_and_the_mask_covers_the_call(tokenizer):
+    """Qwen2.5's tool calling survives the shipped template (vLLM renders chats with it): tools in the system turn,
+    calls as <tool_call> JSON, results as <tool_response> in a user turn; the model is trained on its calls."""
+    text = tokenizer.apply_chat_template(TOOL_CONVERSATION, tools=[WEATHER_TOOL], tokenize=False)
+    assert "# Tools\n\nYou may call one or more functions" in text and '"name": "weather"' in text
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "weather", "arguments": {"city": "서울"}}\n</tool_call>'
+            '<|im_end|>\n<|im_start|>user\n<tool_response>\n맑음\n</tool_response><|im_end|>\n') in text
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    row = tokenizer.apply_chat_template(TOOL_CONVERSATION, tools=[WEATHER_TOOL], tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    labeled = [tokenizer.decode(row["input_ids"][a:b]) for a, b in assistant_spans(row["assistant_masks"])]
+    assert labeled[0].startswith("\n<tool_call>") and labeled[0].endswith("</tool_call><|im_end|>")
+    assert labeled[1] == "서울은 맑습니다.<|im_end|>"
+    assert not any("tool_response" in span for span in labeled) and row["input_ids"].count(end) >= 4

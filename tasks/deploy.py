@@ -5,11 +5,26 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
+from prefect.exceptions import ObjectNotFound
 
 from loraflow.config.job import JobConfig
 from loraflow.serving.records import running_endpoint
 from tasks.prefect_glue import accelerator
+
+
+def resume_polling(job_name: str) -> int:
+    """Activate the `serve/<job>` fallback schedules (when deployed: not in Prefect's temporary server); returns
+    how many were activated."""
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(f"serve/{job_name}")
+        except ObjectNotFound:
+            return 0
+        for schedule in deployment.schedules:
+            client.update_deployment_schedule(deployment.id, schedule.id, active=True)
+    return len(deployment.schedules)
+
 
 if TYPE_CHECKING:  # the serving code imports torch: load it only when deploying
     from loraflow.serving.reconcile import ReconcileReport
@@ -28,6 +43,8 @@ def deploy(job: JobConfig, start: bool = True) -> ReconcileReport | None:
     with accelerator() if starting else nullcontext():  # starting vLLM takes the device: never during a training
         endpoint, report = deploy_aliases(job, start=start)
     logger = get_run_logger()
+    if starting and (resumed := resume_polling(job.name)):
+        logger.info("serve/%s: %d polling schedule(s) active while its servers run", job.name, resumed)
     for canary in report.canaries:
         logger.info("canary %s-v%s: %s (%s)", job.registry.model_name, canary.version,
                     "passed" if canary.passed else "FAILED", canary.reason)

@@ -20,10 +20,10 @@ import pytest
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 
-from loraflow.localstack.lifecycle import recorded_process
+from loraflow.localstack.lifecycle import deploy, recorded_process
 from loraflow.localstack.lifecycle import status as stack_status
 from loraflow.localstack.prefect_api import ACCELERATOR_LIMIT
-from tests.fixtures import TERMINAL, RunningStack
+from tests.fixtures import TERMINAL, TEST_FLOWS_FILE, RunningStack
 from tests.stackflows import PROBE_METRICS
 
 pytestmark = pytest.mark.slow
@@ -59,14 +59,16 @@ def test_servers_started_healthy(local_stack: RunningStack) -> None:
         limit = client.read_global_concurrency_limit_by_name(ACCELERATOR_LIMIT)
         pool = client.read_work_pool("loraflow")
         qwen = client.read_deployment_by_name("finetune/qwen-ko")
+        serve = client.read_deployment_by_name("serve/tiny-ko")
     assert (limit.limit, pool.type) == (1, "process")
     assert qwen.parameters == {"config": "configs/qwen-ko.yaml"}
     [schedule] = qwen.schedules
-    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (
-        "0 3 * * 0",
-        "Asia/Seoul",
-        True,
-    )
+    # The weekly cron is deployed, but this CPU-only machine cannot run a `model.device: cuda` job: inactive.
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 3 * * 0", "Asia/Seoul", False)
+    assert "finetune/qwen-ko/weekly: paused (this machine lacks the job's device)" in (
+        local_stack.home / "run" / "schedules.log").read_text()
+    # No vLLM runs for tiny-ko, so its polling reconciler stays off.
+    assert [s.active for s in serve.schedules] == [False]
 
 
 def test_deployment_run_logs_to_mlflow_and_links_both_ways(local_stack: RunningStack) -> None:
@@ -231,6 +233,9 @@ def test_restart_keeps_state_and_down_leaves_no_process(local_stack: RunningStac
     with local_stack.client() as client:
         # Future runs of a schedule are recreated when `up` redeploys; finished runs must survive as they are.
         runs_before = {run.id for run in client.read_flow_runs() if run.state.type in TERMINAL}
+        # A person pauses a schedule in the UI: no `up`, `down` or redeploy may resume it.
+        hourly = client.read_deployment_by_name("stack-probe/hourly")
+        client.update_deployment_schedule(hourly.id, hourly.schedules[0].id, active=False)
     experiments_before = local_stack.mlflow("POST", "experiments/search", json={"max_results": 100})[
         "experiments"
     ]
@@ -247,11 +252,14 @@ def test_restart_keeps_state_and_down_leaves_no_process(local_stack: RunningStac
     log_timing(local_stack, "restart: prefect-server healthy", timings["prefect-server"])
     log_timing(local_stack, "restart: mlflow-server healthy", timings["mlflow-server"])
     assert 'active = "loraflow"' in profiles.read_text()
+    deploy(local_stack.stack, TEST_FLOWS_FILE)  # the YAML says `active: true` again
     with local_stack.client() as client:
         assert runs_before <= {run.id for run in client.read_flow_runs()}
         qwen = client.read_deployment_by_name("finetune/qwen-ko")
-        assert qwen.schedules[0].active
+        assert not qwen.schedules[0].active  # still no GPU here
         assert qwen.created < restarted_at  # the same deployment, updated in place
+        assert not client.read_deployment_by_name("stack-probe/hourly").schedules[0].active
+        client.delete_deployment(client.read_deployment_by_name("stack-probe/every-minute").id)
     experiments_after = local_stack.mlflow("POST", "experiments/search", json={"max_results": 100})[
         "experiments"
     ]

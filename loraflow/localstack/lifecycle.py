@@ -16,7 +16,8 @@ from pathlib import Path
 
 import psutil
 
-from loraflow.localstack import profile
+from loraflow.config import load_config
+from loraflow.localstack import profile, schedules
 from loraflow.localstack.prefect_api import ensure_pool_and_limits, worker_online
 from loraflow.localstack.stack import HOST, PREFECT_FILE, REPO_ROOT, Stack, StackError
 from loraflow.process import (
@@ -30,7 +31,7 @@ from loraflow.process import (
     stop_process,
     write_record,
 )
-from loraflow.serving.records import running_servers, stop_all_servers
+from loraflow.serving.records import running_endpoint, running_servers, stop_all_servers
 
 # MLflow needs ~25 s to become healthy on an idle machine; give a loaded 2-core machine room.
 HEALTH_TIMEOUT_S = 180.0
@@ -54,19 +55,42 @@ def _start(stack: Stack, name: str) -> ManagedProcess:
     return started
 
 
-def deploy(stack: Stack, prefect_file: Path = PREFECT_FILE) -> None:
-    """`prefect deploy --all` from the repo root, exactly as a person would run it."""
+def gpu_present() -> bool:
+    import torch  # only here: `up` on a CUDA machine must know; nothing else in the stack needs torch
+
+    return torch.cuda.is_available()
+
+
+def device_present(config: str) -> bool:
+    """Whether this machine has the device the job's config asks for (`model.device: cuda`)."""
+    return load_config(REPO_ROOT / config).model.device != "cuda" or gpu_present()
+
+
+def serving_up(config: str) -> bool:
+    return running_endpoint(load_config(REPO_ROOT / config).registry.model_name) is not None
+
+
+def settle_schedules(stack: Stack, before: list[schedules.Schedule]) -> list[str]:
+    return schedules.settle(stack.prefect_api_url, stack.run_dir, before, device_present, serving_up)
+
+
+def deploy(stack: Stack, prefect_file: Path = PREFECT_FILE) -> list[str]:
+    """`prefect deploy --all` from the repo root, exactly as a person would run it; then the schedules are put
+    back the way this machine and its people want them (localstack/schedules.py). Returns what was changed."""
+    before = schedules.read_schedules(stack.prefect_api_url)
     result = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
         cwd=REPO_ROOT, env={**os.environ, **stack.client_env(), "PWD": str(REPO_ROOT)},
         capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise StackError(f"prefect deploy failed ({prefect_file}):\n{result.stdout}\n{result.stderr}")
+    return settle_schedules(stack, before)
 
 
 def up(stack: Stack, prefect_file: Path | None = PREFECT_FILE) -> dict[str, float]:
     """Start whatever is not running, wait for health, create pool and limit, deploy `prefect_file`, and make
-    the `loraflow` Prefect profile active. Returns seconds to healthy for each service started now."""
+    the `loraflow` Prefect profile active. Returns seconds to healthy for each service started now (and `deploy`);
+    the schedule decisions are logged to run/schedules.log."""
     for sub in ("prefect", "mlflow"):
         (stack.home / sub).mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -88,8 +112,9 @@ def up(stack: Stack, prefect_file: Path | None = PREFECT_FILE) -> dict[str, floa
         raise StackError(str(error)) from None
     if prefect_file is not None:
         started = time.monotonic()
-        deploy(stack, prefect_file)
+        changes = deploy(stack, prefect_file)
         timings["deploy"] = time.monotonic() - started
+        (stack.run_dir / "schedules.log").write_text("\n".join(changes) + "\n")
     profile.activate(stack)
     return timings
 
@@ -98,6 +123,9 @@ def down(stack: Stack) -> list[int]:
     """Stop what flows started (vLLM + router of each served model), then the worker (it owns running flows),
     then the servers; hand the `prefect` CLI back to the profile it used before `up`. Returns the PIDs stopped."""
     stopped = stop_all_servers(stack.home)
+    if recorded_process(stack, "prefect-server") and is_healthy(str(stack.service("prefect-server").health_url)):
+        # No server left to reconcile: the serve/<job> polling schedules pause (`up` resumes them with serving).
+        settle_schedules(stack, schedules.read_schedules(stack.prefect_api_url))
     for name in SERVICE_ORDER:
         stopped += stop_process(recorded_process(stack, name))
         stack.record_file(name).unlink(missing_ok=True)

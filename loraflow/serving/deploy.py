@@ -6,7 +6,7 @@ from __future__ import annotations
 from loraflow.config.job import JobConfig
 from loraflow.registry.client import client_for, tracking_uri
 from loraflow.serving.reconcile import ReconcileReport, reconcile
-from loraflow.serving.records import Endpoint, running_endpoint, state_dir
+from loraflow.serving.records import Endpoint, running_endpoint, state_dir, stop_job_servers
 from loraflow.serving.registry_view import aliased_versions, download_version
 from loraflow.serving.servers import start_stack
 from loraflow.serving.vllm_server import api_key
@@ -24,6 +24,8 @@ def deploy_aliases(job: JobConfig, start: bool = True) -> tuple[Endpoint, Reconc
     if endpoint is None:
         if not start:
             raise ServingDown(f"no serving servers for {model} (start them with start=True)")
+        # A half-dead pair (vLLM killed, router alive) is ours to replace: stop what is recorded, then start anew.
+        stop_job_servers(model)
         # Download first: --max-lora-rank must hold the adapters that are going to be served.
         adapters = [download_version(v, adapters_root, uri)
                     for v in aliased_versions(client_for(job.registry), model, job.serving.aliases).values()]

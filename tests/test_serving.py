@@ -22,7 +22,7 @@ from loraflow.config import JobConfig, load_config
 from loraflow.process import alive
 from loraflow.serving.names import base_name, versioned_name
 from loraflow.serving.reconcile import ReconcileReport, reconcile
-from loraflow.serving.records import stop_all_servers
+from loraflow.serving.records import state_dir, stop_all_servers
 from loraflow.serving.servers import ServingStack, start_stack
 from loraflow.tiny.base import tiny_ko_dir
 from tests.fixtures import (
@@ -48,7 +48,6 @@ PROMPT = "대한민국 헌법 제1조는 무엇입니까?"
 def base_dir() -> Path:
     return tiny_ko_dir()
 
-
 @pytest.fixture(scope="module")
 def adapters(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
@@ -57,9 +56,8 @@ def adapters(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         "b": make_adapter(base_dir, root / "b", r=16, targets=ALL_LINEAR, seed=2),
         # lora_B left at zero, as PEFT initialises it: loads fine, changes nothing
         "noop": make_adapter(base_dir, root / "noop", r=8, targets=ATTENTION, seed=3, b_std=0),
-        "mismatch": retarget_adapter(
-            make_adapter(base_dir, root / "mismatch", r=8, targets=["q_proj"], seed=4), "q_proj", "query_proj"
-        ),
+        "mismatch": retarget_adapter(make_adapter(base_dir, root / "mismatch", r=8, targets=["q_proj"], seed=4),
+                                     "q_proj", "query_proj"),
         "template": make_adapter(base_dir, root / "template", r=8, targets=ATTENTION, seed=5),
     }
     # trained with some other chat template than the one its version's `template_sha` records
@@ -114,8 +112,8 @@ def stack(job: JobConfig, adapters: dict[str, Path]) -> Iterator[ServingStack]:
 
 
 @pytest.fixture(scope="module")
-def sync(job: JobConfig, stack: ServingStack, registry: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    adapters_root = tmp_path_factory.mktemp("served-adapters")
+def sync(job: JobConfig, stack: ServingStack, registry: dict[str, str]):
+    adapters_root = state_dir(job.registry.model_name) / "adapters"  # where the deploy step downloads versions
 
     def run() -> ReconcileReport:
         return reconcile(job, stack.endpoint, registry["uri"], KEY, adapters_root, drain_timeout_s=60)
@@ -125,18 +123,9 @@ def sync(job: JobConfig, stack: ServingStack, registry: dict[str, str], tmp_path
 
 def chat(url: str, model: str, max_tokens: int = 24, key: str | None = KEY) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(
-        f"{url}/v1/chat/completions",
-        headers=headers,
-        timeout=120,
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "return_token_ids": True,
-        },
-    )
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0, "return_token_ids": True}
+    return httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=120, json=body)
 
 
 def model_ids(url: str) -> set[str]:
@@ -162,11 +151,7 @@ def test_api_key_is_required(stack: ServingStack) -> None:
 
 
 def test_champion_is_served_and_matches_peft_token_for_token(
-    stack: ServingStack,
-    sync,
-    reg: RegistryFixture,
-    registry: dict[str, str],
-    adapters: dict[str, Path],
+    stack: ServingStack, sync, reg: RegistryFixture, registry: dict[str, str], adapters: dict[str, Path],
     base_dir: Path,
 ) -> None:
     reg.set_alias("champion", registry["a"])
@@ -187,9 +172,8 @@ def test_champion_is_served_and_matches_peft_token_for_token(
 
     # The prompt vLLM rendered is the one transformers renders with the adapter's own template.
     tokenizer = AutoTokenizer.from_pretrained(str(adapters["a"]))
-    prompt_ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=True
-    )["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"]
     assert stable["prompt_token_ids"] == prompt_ids
     expected = peft_greedy(base_dir, adapters["a"], prompt_ids, max_new_tokens=24)
     assert served == expected
@@ -297,4 +281,21 @@ def test_serve_flow_reconciles_the_running_stack(
     summary = serve(config=str(CONFIG), overrides=overrides, start=False)
     v_b = versioned_name(MODEL, registry["b"])
     assert summary["routes"] == {MODEL: v_b}
+    assert chat(stack.endpoint.router_url, MODEL).json()["model"] == v_b
+
+
+def test_an_adapter_loaded_from_other_files_under_a_versions_name_is_replaced(
+    stack: ServingStack, sync, registry: dict[str, str], adapters: dict[str, Path]
+) -> None:
+    """Another registry's adapter (a second LORAFLOW_HOME on the same vLLM) under this registry's version name:
+    names prove nothing, so the reconciler unloads it and loads this version's own files, canary included."""
+    v_b = versioned_name(MODEL, registry["b"])
+    served = stack.endpoint.client(KEY)
+    served.unload_adapter(v_b)
+    served.load_adapter(v_b, str(adapters["a"]))  # the impostor: other weights under b's name
+    report = sync()
+    assert v_b in report.unloaded
+    assert [(c.version, c.passed) for c in report.canaries] == [(registry["b"], True)]
+    expected = state_dir(MODEL) / "adapters" / f"v{registry['b']}"
+    assert Path(served.served_models()[v_b]).resolve() == expected.resolve()
     assert chat(stack.endpoint.router_url, MODEL).json()["model"] == v_b

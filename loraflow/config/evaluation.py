@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from loraflow.config.base import Section
@@ -35,3 +37,7 @@ class BenchmarkConfig(Section):
 class EvalConfig(Section):
     perplexity: PerplexityConfig = PerplexityConfig()
     benchmarks: BenchmarkConfig = BenchmarkConfig()
+    # `serving`: base and tuned are measured as vLLM serves them (the base in model.dtype, not 4-bit, plus the
+    # adapter): the promotion gate judges what will answer. `training`: as trained (the 4-bit base for QLoRA), for a
+    # GPU that cannot hold the 16-bit base (a 7B base in bf16 needs ~15 GB).
+    precision: Literal["serving", "training"] = "serving"

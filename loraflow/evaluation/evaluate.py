@@ -47,9 +47,10 @@ def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: 
     files: list[str] = []
     tokenizer = load_tokenizer(model)
     held_out = load_from_disk(chat.tokenized_dir)["eval"]
-    # The base is loaded exactly as it was trained (4-bit for QLoRA) and measured first: wrapping it with the
-    # adapter modifies it in place.
-    base = load_base_model(model, quant, quantized=True)
+    # Serving precision by default: the gate must judge the model vLLM serves (the 16-bit base + adapter), not the
+    # 4-bit training view; on tiny-ko v1 the two differ by a few items (copa 0.633 vs 0.650). The base is measured
+    # first: wrapping it with the adapter modifies it in place. The run's params record it (`eval.precision`).
+    base = load_base_model(model, quant, quantized=evaluation.precision == "training")
     _measure("base", base, held_out, tokenizer, evaluation, out_dir, metrics, files)
     tuned = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
     _measure("tuned", tuned, held_out, tokenizer, evaluation, out_dir, metrics, files)

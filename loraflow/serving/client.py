@@ -25,12 +25,13 @@ class ServingClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return httpx.Client(base_url=base_url, headers=headers, timeout=self.timeout_s)
 
-    def served_models(self) -> list[str]:
-        """Names vLLM serves: the base and every loaded adapter (not the router's stable names)."""
+    def served_models(self) -> dict[str, str]:
+        """Name -> `root` of what vLLM serves: the base (its model path) and every loaded adapter (the directory
+        it was loaded from); not the router's stable names."""
         with self._client(self.vllm_url) as http:
             reply = http.get("/v1/models")
             reply.raise_for_status()
-            return [entry["id"] for entry in reply.json()["data"]]
+            return {entry["id"]: str(entry.get("root") or "") for entry in reply.json()["data"]}
 
     def load_adapter(self, name: str, path: str) -> None:
         with self._client(self.vllm_url) as http:

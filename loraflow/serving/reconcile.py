@@ -58,7 +58,16 @@ def reconcile(
     model = job.registry.model_name
     registry = client_at(tracking_uri)
     serving = endpoint.client(api_key)
-    loaded = {n for n in serving.served_models() if version_of(model, n) is not None}
+    served = {n: root for n, root in serving.served_models().items() if version_of(model, n) is not None}
+    # Names are unique only inside one registry: a name loaded from any other files than this registry's version
+    # (another LORAFLOW_HOME's adapter, a stale copy) is not ours. Unload it; the loop below loads ours and runs
+    # the canary on what will answer.
+    foreign = sorted(n for n, root in served.items()
+                     if not _same_path(root, adapters_root / f"v{version_of(model, n)}"))
+    for name in foreign:
+        serving.unload_adapter(name)
+        log.warning("%s was loaded from %s, not from this registry's version: unloaded", name, served[name])
+    loaded = set(served) - set(foreign)
     current = serving.routes()["routes"].get(model)
 
     aliased = aliased_versions(registry, model, job.serving.aliases)
@@ -93,10 +102,14 @@ def reconcile(
     return ReconcileReport(
         routes=routes,
         loaded=sorted(loaded - set(unloaded)),
-        unloaded=unloaded,
+        unloaded=sorted({*unloaded, *foreign}),
         canaries=canaries,
         skipped=skipped,
     )
+
+
+def _same_path(root: str, expected: Path) -> bool:
+    return bool(root) and Path(root).resolve() == expected.resolve()
 
 
 def _load_and_check(

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from loraflow.config import load_config  # noqa: E402
 from loraflow.config.model import ModelConfig  # noqa: E402
 from loraflow.config.serving import MergeConfig  # noqa: E402
-from loraflow.data.templates import load_template  # noqa: E402
 from loraflow.serving.vllm_server import VllmLaunch, adapter_rank, vllm_lora_rank, vllm_process  # noqa: E402
+from loraflow.templates import load_template  # noqa: E402
 from loraflow.tiny.base import tiny_ko_dir  # noqa: E402
 from loraflow.training.merge import merge_adapter  # noqa: E402
 from tests.fixtures import ALL_LINEAR, free_port, make_adapter  # noqa: E402

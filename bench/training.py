@@ -48,7 +48,8 @@ def run_variant(variant: str, steps: int) -> dict:
     from datasets import load_from_disk
     from trl import SFTTrainer
 
-    from loraflow.training.models import load_base_model, load_tokenizer
+    from loraflow.bases import load_tokenizer
+    from loraflow.training.models import load_base_model
     from loraflow.training.train import peak_rss_mb, peft_config, sft_config, train_adapter
 
     overrides = {"training.max_steps": steps, "training.save_steps": 10_000, "training.logging_steps": 1}

@@ -34,7 +34,7 @@ def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | N
 
     dataset = build_dataset(job.data)
     chat = format_chat(dataset, job.model, job.training)
-    trained = train(chat, job.model, job.lora, job.quantization, job.training)
+    trained = train(chat, job.model, job.lora, job.quantization, job.training, job.registry, job.name)
     evaluated = evaluate(chat, trained, job.model, job.quantization, job.eval)
     version = register(job, config, dataset, chat, trained, evaluated)
     decision = promote(job, version, evaluated)

@@ -7,6 +7,7 @@ its immutable name (`tiny-ko-v3`), with the stable name (`tiny-ko`) following `c
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from prefect import flow
@@ -16,9 +17,10 @@ from tasks.deploy import deploy
 
 
 @flow(name="serve")
-def serve(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | None = None,
-          start: bool = True) -> dict[str, Any]:
-    """One reconcile pass. `start=False` only reconciles servers that are already running (fails otherwise)."""
+def serve(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | None = None, start: bool = True,
+          promoted_at: datetime | None = None) -> dict[str, Any]:
+    """One reconcile pass. `start=False` only reconciles servers that are already running (fails otherwise).
+    `promoted_at` is set by the alias-event trigger (deployments/prefect.yaml): the time of the alias move."""
     job = load_config(config, {**(overrides or {}), "serving.enabled": True})
-    report = deploy(job, start=start)
+    report = deploy(job, start=start, promoted_at=promoted_at)
     return report.model_dump() if report else {}

@@ -65,10 +65,12 @@ def serve(config: str, stop: bool) -> int:
     """One reconcile pass now (starting vLLM + router if needed), or stop the job's servers."""
     job = load_config(config)
     if stop:
+        from loraflow.localstack.lifecycle import pause_idle_polling
         from loraflow.serving.records import stop_job_servers
 
         stopped = stop_job_servers(job.registry.model_name)
         print(f"stopped {stopped}" if stopped else "nothing recorded as running")
+        print("\n".join(pause_idle_polling(_stack())))
         return 0
     from flows.serve import serve as serve_flow
     from loraflow.serving.urls import openai_base_url

@@ -154,6 +154,26 @@ def stop_process(leader: psutil.Process | None, grace_s: float = STOP_GRACE_S) -
     return sorted(p.pid for p in family)
 
 
+def stop_record(record: dict[str, Any] | None, grace_s: float = STOP_GRACE_S) -> list[int]:
+    """Stop what a record names: the leader with its family, or, when the leader died alone (SIGKILL, OOM), the
+    members of its process group it left behind (vLLM's engine core). Only processes started after the leader are
+    touched, so a reused PID or group id is never signalled."""
+    if not record:
+        return []
+    leader = recorded(record)
+    if leader is not None:
+        return stop_process(leader, grace_s)
+    orphans = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == int(record["pid"]) and process.create_time() >= float(record["create_time"]):
+                orphans.append(process)
+    _signal_all(orphans, signal.SIGKILL)
+    if _wait_gone(orphans, 5.0):
+        raise ProcessFailed(f"processes {[p.pid for p in orphans if alive(p)]} survived SIGKILL")
+    return sorted(p.pid for p in orphans)
+
+
 class ManagedProcess:
     """One server process: its own session (so its whole family can be stopped) and its own log file."""
 

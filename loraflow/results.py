@@ -21,7 +21,8 @@ class StepResult(BaseModel):
 
 
 class DatasetResult(StepResult):
-    """`path` holds `dataset/` (save_to_disk, splits train/eval), `stats.json`, `rejected.jsonl`."""
+    """`path` holds `dataset/` (save_to_disk, splits train/eval), `stats.json`, `rejected.jsonl` and
+    `manifest.json` (each source's resolved revision or manifest sha; every file's path, sha and rows)."""
 
     dataset_sha: str
     stats: dict[str, Any]
@@ -29,6 +30,11 @@ class DatasetResult(StepResult):
     @property
     def dataset_dir(self) -> str:
         return str(Path(self.path) / "dataset")
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest `loraflow.data.sources.data_changes` compares ({} for outputs built before it existed)."""
+        return self.stats.get("manifest", {})
 
 
 class ChatResult(StepResult):
@@ -48,6 +54,7 @@ class TrainResult(StepResult):
 
     adapter_sha: str
     metrics: dict[str, float]
+    run_id: str | None = None  # the MLflow run that watched the training live (register fills it)
 
     @property
     def adapter_dir(self) -> str:

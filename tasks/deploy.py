@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from prefect import get_client, get_run_logger, task
@@ -33,15 +34,16 @@ if TYPE_CHECKING:  # the serving code imports torch: load it only when deploying
 # Not cached: what is served depends on the registry's aliases and the servers' state, not on inputs.
 # A retry covers a vLLM start that failed for a passing reason (port still held by a stopping process).
 @task(name="deploy", retries=1, retry_delay_seconds=30)
-def deploy(job: JobConfig, start: bool = True) -> ReconcileReport | None:
-    """One reconcile pass; starts vLLM + router first when `start` and they are not running."""
+def deploy(job: JobConfig, start: bool = True, promoted_at: datetime | None = None) -> ReconcileReport | None:
+    """One reconcile pass; starts vLLM + router first when `start` and they are not running. `promoted_at`: the
+    time of the alias move that triggered the pass (a version whose canary failed before it is tried again)."""
     if not job.serving.enabled:
         return None
     from loraflow.serving.deploy import deploy_aliases
 
     starting = start and running_endpoint(job.registry.model_name) is None
     with accelerator() if starting else nullcontext():  # starting vLLM takes the device: never during a training
-        endpoint, report = deploy_aliases(job, start=start)
+        endpoint, report = deploy_aliases(job, start=start, promoted_at=promoted_at)
     logger = get_run_logger()
     if starting and (resumed := resume_polling(job.name)):
         logger.info("serve/%s: %d polling schedule(s) active while its servers run", job.name, resumed)

@@ -4,6 +4,7 @@ Prefect flow run and its MLflow run. The plain functions under loraflow/ know no
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -30,8 +31,10 @@ LEASE_SECONDS = 60
 def prefect_cache_key(step: str, key_fn: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str | None]:
     """A Prefect `cache_key_fn`: the step's content key while its files exist, else no cache (a miss)."""
 
+    accepted = set(inspect.signature(key_fn).parameters)  # a task may take more than its key depends on
+
     def cache_key(_context: Any, parameters: dict[str, Any]) -> str | None:
-        key = key_fn(**parameters)
+        key = key_fn(**{name: value for name, value in parameters.items() if name in accepted})
         return f"{step}-{key}" if is_done(step, key) else None
 
     return cache_key

@@ -1,10 +1,13 @@
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from loraflow.config.job import JobConfig
 from loraflow.registry import register as plain
+from loraflow.registry.client import client_for
+from loraflow.registry.lineage import data_report
 from loraflow.results import ChatResult, DatasetResult, EvalResult, RegisteredVersion, TrainResult
-from tasks.prefect_glue import prefect_run_tags, publish_mlflow_run
+from tasks.prefect_glue import artifact_key, prefect_run_tags, publish_mlflow_run
 
 
 # Not cached by Prefect: registration is idempotent on the registry side (same adapter + metrics = same version).
@@ -18,4 +21,10 @@ def register(job: JobConfig, config_path: str, dataset: DatasetResult, chat: Cha
     publish_mlflow_run(tracking_uri=version.tracking_uri, experiment_id=version.experiment_id,
                        run_id=version.run_id, metrics=evaluated.metrics, name=job.registry.model_name,
                        model_version=version.version)
+    # Which data this version saw, and what is new since the champion ("no new data" on an unchanged run).
+    report = data_report(client_for(job.registry), version.model_name, version.version, version.run_id,
+                         dataset.manifest, version.created)
+    create_markdown_artifact(markdown=report, key=f"{artifact_key(job.registry.model_name)}-data",
+                             description="Rows per source and what is new since the champion")
+    get_run_logger().info(report.splitlines()[0].removeprefix("### "))
     return version

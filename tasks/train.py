@@ -4,9 +4,11 @@ from prefect import task
 
 from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
+from loraflow.config.registry import RegistryConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.keys import train_key
 from loraflow.outputs import run_step
+from loraflow.registry.client import tracking_uri
 from loraflow.results import ChatResult, TrainResult
 from tasks.prefect_glue import accelerator, prefect_cache_key
 
@@ -15,14 +17,18 @@ from tasks.prefect_glue import accelerator, prefect_cache_key
 @task(name="train", cache_key_fn=prefect_cache_key("train", train_key), persist_result=True,
       retries=1, retry_delay_seconds=30)
 def train(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
-          training: TrainingConfig) -> TrainResult:
+          training: TrainingConfig, registry: RegistryConfig, job_name: str) -> TrainResult:
+    """`registry` and `job_name` say where the live MLflow run goes; they are not part of the cache key."""
     key = train_key(chat, model, lora, quant, training)
 
     def produce(out: Path) -> TrainResult:
+        from loraflow.training.live_metrics import Tracking
         from loraflow.training.train import train_adapter
 
+        tracking = Tracking(uri=tracking_uri(registry), experiment=registry.experiment or job_name,
+                            run_name=f"{job_name}-{key[:8]}")
         # Only real training holds the accelerator slot: a finished result is returned without waiting for it.
         with accelerator():
-            return train_adapter(chat, model, lora, quant, training, out, key)
+            return train_adapter(chat, model, lora, quant, training, out, key, tracking)
 
     return run_step("train", key, TrainResult, produce)

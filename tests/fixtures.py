@@ -37,13 +37,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraflow.config import JobConfig, load_config
 from loraflow.config.lora import ALL_LINEAR
-from loraflow.data.templates import load_template
 from loraflow.hashing import sha_of_text
 from loraflow.localstack.lifecycle import SERVICE_ORDER, deploy, recorded_process
 from loraflow.localstack.stack import REPO_ROOT, Stack
 from loraflow.process import alive
 from loraflow.registry.client import client_at
 from loraflow.results import ChatResult, DatasetResult, EvalResult, TrainResult
+from loraflow.templates import load_template
 
 TINY_CONFIG = "configs/tiny-ko.yaml"
 # One epoch with frequent checkpoints: the whole suite trains this adapter once. Serving is tested with its own
@@ -208,13 +208,15 @@ class RunningStack:
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     home = tmp_path_factory.mktemp("loraflow-home")
-    prefect_port, mlflow_port = free_port(), free_port()
+    prefect_port, mlflow_port, webhook_port = free_port(), free_port(), free_port()
     # Its own HOME: `loraflow up` writes the Prefect profile into HOME/.prefect, where a new shell finds it.
     env = {**os.environ, "LORAFLOW_HOME": str(home), "LORAFLOW_PREFECT_PORT": str(prefect_port),
-           "LORAFLOW_MLFLOW_PORT": str(mlflow_port), "HOME": str(home / "user-home")}
+           "LORAFLOW_MLFLOW_PORT": str(mlflow_port), "LORAFLOW_WEBHOOK_PORT": str(webhook_port),
+           "HOME": str(home / "user-home")}
     env.pop("PREFECT_PROFILES_PATH", None)
     share_built_models(home)
-    running = RunningStack(Stack(home=home, prefect_port=prefect_port, mlflow_port=mlflow_port), env, {})
+    stack = Stack(home=home, prefect_port=prefect_port, mlflow_port=mlflow_port, webhook_port=webhook_port)
+    running = RunningStack(stack, env, {})
     running.env.update(running.stack.client_env())
     try:
         running.timings.update(running.up())

@@ -12,6 +12,7 @@ import torch
 from lm_eval.tasks._yaml_loader import load_yaml
 from peft import PeftModel
 
+from loraflow.bases import load_tokenizer
 from loraflow.config import ConfigError, load_config
 from loraflow.config.evaluation import BenchmarkConfig
 from loraflow.config.job import JobConfig
@@ -24,7 +25,7 @@ from loraflow.evaluation.benchmarks import (
 )
 from loraflow.evaluation.comparison import write_comparison
 from loraflow.tiny import kobest
-from loraflow.training.models import load_base_model, load_tokenizer
+from loraflow.training.models import load_base_model
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 6  # items per task checked by hand

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
+from loraflow.bases import load_tokenizer
 from loraflow.config.model import ModelConfig
 from loraflow.data.format_chat import END_OF_TURN, ChatFormatError, assistant_spans, tokenize_conversation
-from loraflow.training.models import load_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "도우미"},
@@ -56,8 +56,8 @@ def test_template_without_generation_markers_is_refused(tokenizer):
 def test_template_that_leaves_im_end_outside_the_mask_is_refused(tmp_path):
     tokenizer = load_tokenizer(ModelConfig(base="embedded:tiny-ko"))
     tokenizer.chat_template = tokenizer.chat_template.replace(
-        "{{- message['content'] + '<|im_end|>' }}\n        {%- endgeneration %}",
-        "{{- message['content'] }}\n        {%- endgeneration %}{{- '<|im_end|>' }}",
+        "{{- message.content + '<|im_end|>' }}\n        {%- endgeneration %}",
+        "{{- message.content }}\n        {%- endgeneration %}{{- '<|im_end|>' }}",
     )
     assert "{%- endgeneration %}{{- '<|im_end|>' }}" in tokenizer.chat_template
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN)

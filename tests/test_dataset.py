@@ -107,5 +107,5 @@ def test_nothing_usable_fails_naming_the_source(tmp_path: Path):
 
 def test_missing_file_is_named(tmp_path: Path):
     config = DataConfig(sources=[{"path": str(tmp_path / "nope.jsonl")}])
-    with pytest.raises(FileNotFoundError, match=r"data\.sources: file not found: .*nope\.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"data\.sources\[0\]\.path: file not found: .*nope\.jsonl"):
         dataset_key(config)

@@ -1,9 +1,11 @@
 import time
+from pathlib import Path
 
 from mlflow import MlflowClient
 
 from flows.finetune import finetune
 from loraflow import paths
+from loraflow.registry.client import client_at
 from tests.fixtures import TINY_CONFIG, TINY_OVERRIDES
 
 LINEAGE = (
@@ -18,7 +20,7 @@ LINEAGE = (
 
 
 def _client(run: dict) -> MlflowClient:
-    return MlflowClient(tracking_uri=run["tracking_uri"], registry_uri=run["tracking_uri"])
+    return client_at(run["tracking_uri"])
 
 
 def test_cold_run_registers_a_version_with_lineage_and_metrics(finetune_run, step_results):
@@ -75,3 +77,37 @@ def test_changing_a_lora_field_retrains_but_reuses_dataset_and_chat(finetune_run
     assert after["dataset"] == before["dataset"] and after["chat"] == before["chat"]
     assert len(after["train"] - before["train"]) == 1
     assert changed["new_version"] and changed["version"] != finetune_run["version"]
+
+
+def test_a_directory_source_retrains_exactly_when_new_data_lands(tmp_path: Path, tiny_config) -> None:
+    """Scheduled retraining on a folder that data lands in: an unchanged run is a cached no-op; a new file trains
+    a new version, judged against the champion, whose lineage says which data changed."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    rows = Path("data/tiny-ko/constitution_qa.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (incoming / "week1.jsonl").write_text("".join(rows[:200]), encoding="utf-8")
+    overrides = {**TINY_OVERRIDES, "registry.model_name": "tiny-ko-weekly", "training.max_steps": 8,
+                 "data.sources": [{"path": str(incoming), "fields": {"prompt": "instruction", "response": "output"}}],
+                 "merge.enabled": False, "eval.benchmarks.tasks": [], "promotion.require": []}
+
+    def timed_run() -> tuple[dict, float]:
+        started = time.perf_counter()
+        return finetune(config=TINY_CONFIG, overrides=overrides), time.perf_counter() - started
+
+    first, cold = timed_run()
+    second, cached = timed_run()
+    assert (first["new_version"], second["new_version"], second["version"]) == (True, False, first["version"])
+    print(f"[timing] directory source: cold {cold:.1f} s, unchanged rerun {cached:.1f} s ({cached / cold:.0%})")
+    assert cached < cold / 2
+
+    (incoming / "week2.jsonl").write_text("".join(rows[200:]), encoding="utf-8")  # the week's new data
+    third, _ = timed_run()
+    assert third["new_version"] and third["version"] != first["version"]
+    client = _client(third)
+    v1 = client.get_model_version("tiny-ko-weekly", first["version"]).tags
+    v2 = client.get_model_version("tiny-ko-weekly", third["version"]).tags
+    assert v1["dataset_sha"] != v2["dataset_sha"]
+    assert v1["data.sources.0.manifest_sha"] != v2["data.sources.0.manifest_sha"]
+    assert v2["promotion.compared_with"] == first["version"]  # judged against the champion, v1
+    report = Path(client.download_artifacts(third["run_id"], "data/changes_since_champion.md", str(tmp_path)))
+    assert "week2.jsonl" in report.read_text(encoding="utf-8")

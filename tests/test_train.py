@@ -15,7 +15,9 @@ from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.keys import train_key
 from loraflow.outputs import run_step, step_dir
+from loraflow.registry.client import client_at
 from loraflow.results import TrainResult
+from loraflow.training.live_metrics import RUN_FILE, Tracking
 from loraflow.training.models import load_base_model
 from loraflow.training.train import train_adapter
 from tests.fixtures import TINY_CONFIG
@@ -55,17 +57,22 @@ from loraflow.config import load_config
 from loraflow.results import ChatResult, TrainResult
 from loraflow.outputs import run_step
 from loraflow.keys import train_key
+from loraflow.training.live_metrics import Tracking
 from loraflow.training.train import train_adapter
 chat = ChatResult.model_validate_json(open(sys.argv[1]).read())
 job = load_config(sys.argv[2], {overrides!r})
 key = train_key(chat, job.model, job.lora, job.quantization, job.training)
+tracking = Tracking(uri=sys.argv[3], experiment="live", run_name="live")
 run_step("train", key, TrainResult,
-         lambda out: train_adapter(chat, job.model, job.lora, job.quantization, job.training, out, key))
+         lambda out: train_adapter(chat, job.model, job.lora, job.quantization, job.training, out, key, tracking))
 """
 
 
 def test_training_killed_mid_run_resumes_from_its_last_checkpoint(step_results, tmp_path):
+    """A crash mid-training, then the retry: it resumes from the last complete checkpoint, and the MLflow run that
+    showed the loss live while the first process trained goes on holding the points of both."""
     chat = step_results["chat"]
+    tracking = Tracking(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="live", run_name="live")
     job = load_config(TINY_CONFIG, RESUME_OVERRIDES)
     key = train_key(chat, job.model, job.lora, job.quantization, job.training)
     checkpoints = step_dir("train", key) / "checkpoints"
@@ -78,6 +85,7 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(step_results, 
             TRAIN_IN_CHILD.format(overrides=RESUME_OVERRIDES),
             str(chat_file),
             TINY_CONFIG,
+            tracking.uri,
         ],
         env=os.environ.copy(),
         start_new_session=True,
@@ -87,6 +95,10 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(step_results, 
         assert child.poll() is None, "training process ended before it could be killed"
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.2)
+    # Live: the run already holds loss points while the process still trains.
+    run_id = json.loads((step_dir("train", key) / RUN_FILE).read_text())["run_id"]
+    live = [m.step for m in client_at(tracking.uri).get_metric_history(run_id, "train/loss")]
+    assert live and child.poll() is None
     os.killpg(child.pid, signal.SIGKILL)  # a crash, not a clean stop
     child.wait()
     assert not (step_dir("train", key) / "result.json").exists()
@@ -95,8 +107,12 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(step_results, 
         "train",
         key,
         TrainResult,
-        lambda out: train_adapter(chat, job.model, job.lora, job.quantization, job.training, out, key),
+        lambda out: train_adapter(chat, job.model, job.lora, job.quantization, job.training, out, key, tracking),
     )
+    assert resumed.run_id == run_id
+    points = [m.step for m in client_at(tracking.uri).get_metric_history(run_id, "train/loss")]
+    assert min(points) <= min(live) and max(points) == 40  # both processes' points, one run
+    assert client_at(tracking.uri).get_metric_history(run_id, "system/cpu_utilization_percentage")
     assert resumed.metrics["resumed_from_step"] >= 8
     assert resumed.metrics["global_steps"] == 40
     assert resumed.metrics["steps_this_process"] == 40 - resumed.metrics["resumed_from_step"]

@@ -39,7 +39,13 @@ class FieldMapping(Section):
 
 
 class DataSource(Section):
-    """A local file (jsonl/json/csv/parquet) or a hub dataset pinned to a revision; same loading path."""
+    """Local files or a hub dataset; same loading path.
+
+    `path`: a jsonl/json/csv/parquet file, a directory (every file of those formats in it, recursively) or a glob
+    (`data/*.jsonl`, `data/**/*.parquet`), read in sorted order and keyed by the files' contents. `format`, when
+    set, applies to every file; else each file's suffix decides. `revision`: a branch, tag or commit of `hub_id`
+    (default `main`); a branch or tag is resolved to its commit at each run, so new commits mean a new dataset.
+    """
 
     path: str | None = None
     hub_id: str | None = None

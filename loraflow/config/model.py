@@ -13,6 +13,8 @@ class ModelConfig(Section):
     """`base` is a hub id, a local directory, or `embedded:tiny-ko` (built by loraflow, no download)."""
 
     base: str
+    # A hub base's branch, tag or commit (default `main`); a branch or tag is resolved to its commit at each run
+    # (loraflow.data.sources.resolve_model_revision): what keys and lineage record, and what serving can pass.
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

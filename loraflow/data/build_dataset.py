@@ -1,7 +1,10 @@
 """build_dataset: sources -> validated, deduplicated chat `messages` with a deterministic train/eval split.
 
-Local files (jsonl/json/csv/parquet) and hub datasets go through the same normalisation and validation.
-Rejected rows are written with the source, row number and reason; good rows always survive bad neighbours.
+Local sources (a jsonl/json/csv/parquet file, a directory of them, or a glob) and hub datasets go through the same
+normalisation and validation. What is read is what the step's key hashed: a local source's manifest of files, a hub
+dataset at the commit its revision resolves to (loraflow/data/sources.py). Rejected rows are written with the
+source, file, row number and reason; good rows always survive bad neighbours. stats.json records rows per source
+and the manifest (each file's path, sha and rows) that a later run diffs against the champion's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset
 
 from loraflow.config.data import DataConfig, DataSource, FieldMapping
+from loraflow.data.sources import SourceFingerprint, cached_snapshot, dataset_manifest, file_format, source_fingerprint
 from loraflow.hashing import sha_of
 from loraflow.outputs import write_json
 from loraflow.results import DatasetResult
@@ -24,41 +28,71 @@ log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
+MANIFEST_FILE = "manifest.json"
 
 
 class DatasetError(ValueError):
     """No usable data, or a source that cannot be read at all."""
 
 
-def _file_format(source: DataSource) -> str:
-    if source.format != "auto":
-        return source.format
-    suffix = Path(source.path or "").suffix.lower().lstrip(".")
-    formats = {"jsonl": "jsonl", "json": "json", "csv": "csv", "parquet": "parquet"}
-    if suffix not in formats:
-        raise DatasetError(f"data.sources: cannot tell the format of {source.path}; set `format`")
-    return formats[suffix]
+def _hub_offline() -> bool:
+    import datasets.config
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or bool(datasets.config.HF_HUB_OFFLINE)
 
 
-def read_rows(source: DataSource) -> Iterator[tuple[int, Any]]:
-    """(row number, raw row). JSON lines are parsed one by one so that a broken line is a rejected row, not a
-    crashed load; other formats go through `datasets.load_dataset` (the same call as hub datasets)."""
-    if source.path is not None and _file_format(source) == "jsonl":
-        with open(source.path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as error:
-                    yield number, ValueError(f"invalid JSON: {error.msg}")
+def load_hub(source: DataSource, revision: str) -> Dataset:
+    """A hub dataset at a resolved commit sha.
+
+    Offline (or when the Hub cannot be reached) the commit's snapshot in the hub cache is read as a local dataset
+    directory, with the same README `configs:` and split patterns. Why not `load_dataset(hub_id, revision=sha)`
+    offline: datasets 5.2 then skips the hub cache and falls back to "the latest cached version" of its own cache,
+    whatever the revision, which would train on other data than the key and the lineage name.
+    """
+    assert source.hub_id is not None
+    if not _hub_offline():
+        try:
+            return load_dataset(source.hub_id, name=source.subset, revision=revision, split=source.split)
+        except ConnectionError as error:
+            log.warning("dataset %s: the Hub cannot be reached (%s); reading commit %s from the hub cache",
+                        source.hub_id, error, revision)
+    snapshot = cached_snapshot(source.hub_id, revision, "dataset")
+    if snapshot is None:
+        raise DatasetError(f"data.sources: {source.hub_id} at commit {revision} is not in the hub cache and the Hub "
+                           f"is offline; run once online or `hf download {source.hub_id} --repo-type dataset "
+                           f"--revision {revision}`")
+    return load_dataset(str(snapshot), name=source.subset, split=source.split)
+
+
+def read_rows(source: DataSource, fingerprint: SourceFingerprint) -> Iterator[tuple[str, int, Any]]:
+    """(file, row number, raw row) of the files the fingerprint names, in its (sorted) order; for a hub source the
+    "file" is the split. JSON lines are parsed one by one so that a broken line is a rejected row, not a crashed
+    load; other formats go through `datasets.load_dataset` (the same call as hub datasets)."""
+    if fingerprint.kind == "hub":
+        assert fingerprint.revision is not None
+        split = fingerprint.files[0].path
+        for number, row in enumerate(load_hub(source, fingerprint.revision), start=1):
+            yield split, number, row
         return
-    if source.path is not None:
-        fmt = _file_format(source)
-        loaded = load_dataset(fmt, data_files=source.path, split="train")
-    else:
-        loaded = load_dataset(source.hub_id, name=source.subset, revision=source.revision, split=source.split)
-    yield from enumerate(loaded, start=1)
+    root = Path(fingerprint.root or ".")
+    for entry in fingerprint.files:
+        file = root / entry.path
+        fmt = file_format(source, file)
+        if fmt == "jsonl":
+            with file.open(encoding="utf-8") as fh:
+                for number, line in enumerate(fh, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield entry.path, number, json.loads(line)
+                    except json.JSONDecodeError as error:
+                        yield entry.path, number, ValueError(f"invalid JSON: {error.msg}")
+            continue
+        # Each file with its own builder: a directory may mix formats whose columns datasets cannot merge.
+        loaded = load_dataset(fmt, data_files=str(file), split="train")
+        for number, row in enumerate(loaded, start=1):
+            yield entry.path, number, row
 
 
 def to_messages(raw: Any, fields: FieldMapping) -> Any:
@@ -129,13 +163,17 @@ def build_dataset(data: DataConfig, out_dir: Path, key: str) -> DatasetResult:
     rejected: list[dict[str, Any]] = []
     seen: set[str] = set()
     per_source: dict[str, Counter] = {}
-    for source in data.sources:
+    per_file: Counter = Counter()
+    # Fingerprinted once here and read from: the files and commits recorded are exactly those loaded.
+    fingerprints = [source_fingerprint(s, i) for i, s in enumerate(data.sources)]
+    for index, (source, fingerprint) in enumerate(zip(data.sources, fingerprints, strict=True)):
         counts: Counter = Counter()
         per_source[source.label] = counts
-        for number, raw in read_rows(source):
+        for file, number, raw in read_rows(source, fingerprint):
             if source.limit is not None and counts["read"] >= source.limit:
                 break
             counts["read"] += 1
+            per_file[(index, file)] += 1
             try:
                 if isinstance(raw, Exception):
                     raise raw
@@ -154,7 +192,7 @@ def build_dataset(data: DataConfig, out_dir: Path, key: str) -> DatasetResult:
                     counts["kept"] += 1
                     continue
             counts["rejected"] += 1
-            rejected.append({"source": source.label, "row": number, "reason": reason,
+            rejected.append({"source": source.label, "file": file, "row": number, "reason": reason,
                              "data": raw if not isinstance(raw, Exception) else None})
     if not rows:
         reasons = Counter(r["reason"] for r in rejected).most_common(3)
@@ -180,14 +218,17 @@ def build_dataset(data: DataConfig, out_dir: Path, key: str) -> DatasetResult:
     with (out_dir / "rejected.jsonl").open("w", encoding="utf-8") as fh:
         for item in rejected:
             fh.write(json.dumps(item, ensure_ascii=False, default=str) + "\n")
+    manifest = dataset_manifest(fingerprints, dict(per_file))
     stats = {
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
         "rejected_rows": len(rejected),
         "rejection_reasons": dict(Counter(_reason_kind(r["reason"]) for r in rejected)),
         "sources": {label: dict(c) for label, c in per_source.items()},
+        "manifest": manifest,
     }
     write_json(out_dir / "stats.json", stats)
+    write_json(out_dir / MANIFEST_FILE, manifest)
     dataset_sha = sha_of([r["_canonical"] for r in train_rows], [r["_canonical"] for r in eval_rows])
     log.info("dataset: %d train, %d eval, %d rejected (see %s)", len(train_rows), len(eval_rows),
              len(rejected), out_dir / "rejected.jsonl")

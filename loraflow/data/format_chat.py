@@ -17,12 +17,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from datasets import DatasetDict, load_from_disk
 
+from loraflow.bases import load_tokenizer
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
-from loraflow.keys import template_sha
 from loraflow.outputs import write_json
 from loraflow.results import ChatResult, DatasetResult
-from loraflow.training.models import load_tokenizer
+from loraflow.templates import template_sha
 
 log = logging.getLogger(__name__)
 
@@ -108,4 +108,4 @@ def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingCo
     write_json(out_dir / "stats.json", stats)
     log.info("chat: %s", stats)
     return ChatResult(key=key, path=str(out_dir), dataset_sha=dataset.dataset_sha,
-                      template_sha=template_sha(model), stats=stats)
+                      template_sha=template_sha(model.chat_template), stats=stats)

@@ -11,6 +11,7 @@ from pathlib import Path
 from datasets import load_from_disk
 from peft import PeftModel
 
+from loraflow.bases import load_tokenizer
 from loraflow.config.evaluation import EvalConfig
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
@@ -19,7 +20,7 @@ from loraflow.evaluation.comparison import TABLE_FILE, write_comparison
 from loraflow.evaluation.perplexity import assistant_perplexity
 from loraflow.outputs import write_json
 from loraflow.results import ChatResult, EvalResult, TrainResult
-from loraflow.training.models import load_base_model, load_tokenizer
+from loraflow.training.models import load_base_model
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from loraflow.config import load_config
 from loraflow.localstack import profile, schedules
 from loraflow.localstack.prefect_api import ensure_pool_and_limits, worker_online
 from loraflow.localstack.stack import HOST, PREFECT_FILE, REPO_ROOT, Stack, StackError
+from loraflow.localstack.webhook import EVENTS, WEBHOOK_PATH
 from loraflow.process import (
     ManagedProcess,
     ProcessFailed,
@@ -28,14 +29,16 @@ from loraflow.process import (
     port_in_use,
     read_record,
     recorded,
-    stop_process,
+    stop_record,
     write_record,
 )
+from loraflow.registry.client import client_at
 from loraflow.serving.records import running_endpoint, running_servers, stop_all_servers
 
 # MLflow needs ~25 s to become healthy on an idle machine; give a loaded 2-core machine room.
 HEALTH_TIMEOUT_S = 180.0
-SERVICE_ORDER = ("prefect-server", "mlflow-server", "worker")
+SERVICE_ORDER = ("prefect-server", "mlflow-server", "webhook", "worker")  # start order; `down` stops in reverse
+WEBHOOK_NAME = "loraflow-serving"
 
 
 def recorded_process(stack: Stack, name: str) -> psutil.Process | None:
@@ -74,6 +77,28 @@ def settle_schedules(stack: Stack, before: list[schedules.Schedule]) -> list[str
     return schedules.settle(stack.prefect_api_url, stack.run_dir, before, device_present, serving_up)
 
 
+def register_webhook(stack: Stack) -> None:
+    """One MLflow webhook (by name) for alias moves, pointing at this stack's receiver: updated, never duplicated
+    (`create_webhook` is not idempotent, and two would deliver each move twice)."""
+    client = client_at(stack.mlflow_url)
+    url = f"{stack.webhook_url}{WEBHOOK_PATH}"
+    found = next((w for w in client.list_webhooks() if w.name == WEBHOOK_NAME), None)
+    if found is None:
+        client.create_webhook(WEBHOOK_NAME, url, events=list(EVENTS), secret=stack.webhook_secret(),
+                              description="loraflow: alias moves reach vLLM (docs/serving.md)")
+    else:
+        client.update_webhook(found.webhook_id, url=url, events=list(EVENTS), secret=stack.webhook_secret(),
+                              status="ACTIVE")
+
+
+def pause_idle_polling(stack: Stack) -> list[str]:
+    """After serving servers stopped: their serve/<job> polling schedules pause (else the fallback would start
+    them again within a minute). Nothing to do when the stack's Prefect server is not running."""
+    if recorded_process(stack, "prefect-server") is None or not is_healthy(stack.prefect_api_url + "/health"):
+        return []
+    return settle_schedules(stack, schedules.read_schedules(stack.prefect_api_url))
+
+
 def deploy(stack: Stack, prefect_file: Path = PREFECT_FILE) -> list[str]:
     """`prefect deploy --all` from the repo root, exactly as a person would run it; then the schedules are put
     back the way this machine and its people want them (localstack/schedules.py). Returns what was changed."""
@@ -104,6 +129,11 @@ def up(stack: Stack, prefect_file: Path | None = PREFECT_FILE) -> dict[str, floa
             if not is_healthy(str(stack.service(name).health_url)):
                 raise StackError(f"{name} is recorded as running but does not answer; `loraflow down`, then up")
         ensure_pool_and_limits(stack.prefect_api_url)
+        if recorded_process(stack, "webhook") is None:
+            started = time.monotonic()
+            _start(stack, "webhook").wait_healthy(60.0)
+            timings["webhook"] = time.monotonic() - started
+        register_webhook(stack)
         if recorded_process(stack, "worker") is None:
             started, since = time.monotonic(), datetime.now(UTC)
             _start(stack, "worker").wait_healthy(120.0, check=lambda: worker_online(stack.prefect_api_url, since))
@@ -123,11 +153,9 @@ def down(stack: Stack) -> list[int]:
     """Stop what flows started (vLLM + router of each served model), then the worker (it owns running flows),
     then the servers; hand the `prefect` CLI back to the profile it used before `up`. Returns the PIDs stopped."""
     stopped = stop_all_servers(stack.home)
-    if recorded_process(stack, "prefect-server") and is_healthy(str(stack.service("prefect-server").health_url)):
-        # No server left to reconcile: the serve/<job> polling schedules pause (`up` resumes them with serving).
-        settle_schedules(stack, schedules.read_schedules(stack.prefect_api_url))
-    for name in SERVICE_ORDER:
-        stopped += stop_process(recorded_process(stack, name))
+    pause_idle_polling(stack)
+    for name in reversed(SERVICE_ORDER):  # the worker first: it owns running flows
+        stopped += stop_record(read_record(stack.record_file(name)))
         stack.record_file(name).unlink(missing_ok=True)
     return stopped
 

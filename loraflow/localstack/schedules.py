@@ -61,11 +61,12 @@ def settle(api_url: str, run_dir: Path, before: list[Schedule], device_present: 
         if schedule.flow == SERVE_FLOW:
             want = schedule.config is not None and serving_up(schedule.config)
             why = "its servers run" if want else "its servers are not running"
-        elif was_active.get(schedule.key) is False and schedule.key not in device_paused:
-            want, why = False, "paused by a person"
-        elif want and schedule.config is not None and not device_present(schedule.config):
+        elif schedule.config is not None and not device_present(schedule.config):
+            # Recorded on every pass, paused or not, so a later `up` never takes it for a person's pause.
             want, why = False, "this machine lacks the job's device"
             paused_for_device.add(schedule.key)
+        elif was_active.get(schedule.key) is False and schedule.key not in device_paused:
+            want, why = False, "paused by a person"
         if want != schedule.active:
             with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
                 client.update_deployment_schedule(schedule.deployment_id, schedule.schedule_id, active=want)

@@ -9,13 +9,18 @@ LORAFLOW_HOME, so stopping and starting again keeps schedules, runs and the mode
 from __future__ import annotations
 
 import os
+import secrets
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cryptography.fernet import Fernet
 
 from loraflow import paths
 from loraflow.errors import LoraflowError
 from loraflow.localstack.prefect_api import POOL, WORKER_NAME
+from loraflow.localstack.webhook import SECRET_ENV
 
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +45,7 @@ class Stack:
     home: Path
     prefect_port: int = 4200
     mlflow_port: int = 5000
+    webhook_port: int = 5050  # the MLflow webhook receiver (alias moves -> Prefect events)
     # How often the worker asks for due runs: the bulk of the delay from `deployment run` to flow start.
     worker_poll_seconds: float = 2.0
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -50,6 +56,7 @@ class Stack:
             home=paths.home(),
             prefect_port=int(os.environ.get("LORAFLOW_PREFECT_PORT", "4200")),
             mlflow_port=int(os.environ.get("LORAFLOW_MLFLOW_PORT", "5000")),
+            webhook_port=int(os.environ.get("LORAFLOW_WEBHOOK_PORT", "5050")),
             worker_poll_seconds=float(os.environ.get("LORAFLOW_WORKER_POLL_SECONDS", "2")),
         )
 
@@ -64,6 +71,23 @@ class Stack:
     @property
     def mlflow_url(self) -> str:
         return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def webhook_url(self) -> str:
+        return f"http://{HOST}:{self.webhook_port}"
+
+    def secret(self, env_name: str, generate: Callable[[], str]) -> str:
+        """A secret from the environment, else the one generated at the first `up` and kept (mode 0600) under
+        run/secrets/, so restarts keep working (MLflow must decrypt the webhook secrets it stored)."""
+        if os.environ.get(env_name):
+            return os.environ[env_name]
+        file = self.run_dir / "secrets" / env_name
+        if not file.is_file():
+            file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(generate())
+        return file.read_text().strip()
 
     @property
     def run_dir(self) -> Path:
@@ -131,8 +155,18 @@ class Stack:
                 str(mlflow_dir / "artifacts"),
                 "--serve-artifacts",
             ],
-            # Server-side jobs (GenAI scorers, trace rollups) add 8 processes; this stack has no use for them.
-            env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            env={
+                **env,
+                # Server-side jobs (GenAI scorers, trace rollups) add 8 processes; this stack has no use for them.
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                # Webhooks to the receiver on 127.0.0.1 over http, with a stable key for the secrets MLflow stores;
+                # the webhook list is cached 10 s (MLflow's default 60 s would delay a fresh registration).
+                "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+                "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+                "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": self.secret(
+                    "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", lambda: Fernet.generate_key().decode()),
+                "MLFLOW_WEBHOOK_CACHE_TTL": "10",
+            },
             port=self.mlflow_port,
             health_url=f"{self.mlflow_url}/health",
         )
@@ -155,7 +189,18 @@ class Stack:
             port=None,
             health_url=None,
         )
-        return [prefect_server, mlflow_server, worker]
+        receiver = Service(
+            name="webhook",
+            argv=[python, "-m", "uvicorn", "loraflow.localstack.webhook:app_from_env", "--factory", "--host", HOST,
+                  "--port", str(self.webhook_port), "--log-level", "warning"],
+            env={**env, SECRET_ENV: self.webhook_secret()},
+            port=self.webhook_port,
+            health_url=f"{self.webhook_url}/health",
+        )
+        return [prefect_server, mlflow_server, receiver, worker]
+
+    def webhook_secret(self) -> str:
+        return self.secret(SECRET_ENV, lambda: secrets.token_urlsafe(32))
 
     def service(self, name: str) -> Service:
         return next(service for service in self.services() if service.name == name)

@@ -15,11 +15,12 @@ from typing import Any
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 
 import loraflow
 from loraflow.config.job import JobConfig
 from loraflow.config.registry import RegistryConfig
+from loraflow.data.sources import base_revision_tag, source_tags
 from loraflow.hashing import sha_of, sha_of_files
 from loraflow.registry.client import client_for, ensure_experiment, tracking_uri
 from loraflow.results import ChatResult, DatasetResult, EvalResult, RegisteredVersion, TrainResult
@@ -112,7 +113,10 @@ def register_adapter(
         "dataset_sha": dataset.dataset_sha,
         "template_sha": chat.template_sha,
         "base_model": job.model.base,
-        "base_revision": job.model.revision or "main",
+        # The commit the base's revision resolves to (not the literal `main`), and each data source's resolved
+        # commit or manifest sha as the dataset step recorded them: what was trained on, not what the config says.
+        "base_revision": base_revision_tag(job.model),
+        **source_tags(dataset.manifest),
         "config_sha": config_sha(job),
         "code_version": code_version(),
         "flow_run_id": flow_run_id,
@@ -121,14 +125,20 @@ def register_adapter(
         **(extra_tags or {}),
     }
     experiment_id = ensure_experiment(client, job.registry.experiment or job.name)
-    run = client.create_run(experiment_id, tags={**lineage, "mlflow.runName": f"{job.name}-{run_key[:8]}"})
+    # The run that watched the training live, when there was one (a re-evaluated adapter adds a version to it).
+    if trained.run_id:
+        run = client.get_run(trained.run_id)
+        client.log_batch(trained.run_id, tags=[RunTag(k, v) for k, v in lineage.items()])
+    else:
+        run = client.create_run(experiment_id, tags={**lineage, "mlflow.runName": f"{job.name}-{run_key[:8]}"})
     run_id = run.info.run_id
     try:
         params = [Param(k, v[:6000]) for k, v in flatten(job.model_dump(mode="json")).items()]
         client.log_batch(run_id, params=params)
         history = json.loads(Path(trained.log_history).read_text())
         metrics = [Metric(f"train/{k}", float(v), 0, 0) for k, v in trained.metrics.items()]
-        metrics += [Metric("train/loss", float(e["loss"]), 0, int(e["step"])) for e in history if "loss" in e]
+        if not trained.run_id:  # a live run has its loss curve already, point by point
+            metrics += [Metric("train/loss", float(e["loss"]), 0, int(e["step"])) for e in history if "loss" in e]
         metrics += [Metric(k, float(v), 0, 0) for k, v in evaluated.metrics.items()]
         for start in range(0, len(metrics), 900):
             client.log_batch(run_id, metrics=metrics[start : start + 900])
@@ -142,6 +152,9 @@ def register_adapter(
         client.log_artifact(run_id, config_path, "config")
         for file in ("stats.json", "rejected.jsonl"):
             client.log_artifact(run_id, str(Path(dataset.path) / file), "data")
+        # data/manifest.json (files, shas, rows): what a later run diffs against. Older dataset outputs lack it.
+        if (Path(dataset.path) / "manifest.json").is_file():
+            client.log_artifact(run_id, str(Path(dataset.path) / "manifest.json"), "data")
         client.log_artifact(run_id, str(Path(chat.path) / "stats.json"), "data/chat")
         client.log_artifact(run_id, str(Path(chat.path) / "token_lengths.png"), "plots")
         client.log_artifact(run_id, trained.log_history, "train")

@@ -3,10 +3,12 @@ then one reconcile pass. The finetune flow's last step and the `serve` flow both
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from loraflow.config.job import JobConfig
 from loraflow.registry.client import client_for, tracking_uri
 from loraflow.serving.reconcile import ReconcileReport, reconcile
-from loraflow.serving.records import Endpoint, running_endpoint, state_dir, stop_job_servers
+from loraflow.serving.records import Endpoint, recorded_ports, running_endpoint, state_dir, stop_job_servers
 from loraflow.serving.registry_view import aliased_versions, download_version
 from loraflow.serving.servers import start_stack
 from loraflow.serving.vllm_server import api_key
@@ -16,7 +18,8 @@ class ServingDown(RuntimeError):
     """No servers are running for the job and the caller asked not to start them."""
 
 
-def deploy_aliases(job: JobConfig, start: bool = True) -> tuple[Endpoint, ReconcileReport]:
+def deploy_aliases(job: JobConfig, start: bool = True,
+                   promoted_at: datetime | None = None) -> tuple[Endpoint, ReconcileReport]:
     model = job.registry.model_name
     uri = tracking_uri(job.registry)
     adapters_root = state_dir(model) / "adapters"
@@ -24,11 +27,14 @@ def deploy_aliases(job: JobConfig, start: bool = True) -> tuple[Endpoint, Reconc
     if endpoint is None:
         if not start:
             raise ServingDown(f"no serving servers for {model} (start them with start=True)")
-        # A half-dead pair (vLLM killed, router alive) is ours to replace: stop what is recorded, then start anew.
+        # A half-dead pair (vLLM killed, router alive) is ours to replace: stop what is recorded, then start anew
+        # on the same ports.
+        if ports := recorded_ports(model):
+            job = job.model_copy(update={"serving": job.serving.model_copy(update=ports)})
         stop_job_servers(model)
         # Download first: --max-lora-rank must hold the adapters that are going to be served.
         adapters = [download_version(v, adapters_root, uri)
                     for v in aliased_versions(client_for(job.registry), model, job.serving.aliases).values()]
         endpoint = start_stack(job, adapters).endpoint
-    report = reconcile(job, endpoint, uri, api_key(job.serving), adapters_root)
+    report = reconcile(job, endpoint, uri, api_key(job.serving), adapters_root, promoted_at=promoted_at)
     return endpoint, report

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -54,6 +55,7 @@ def reconcile(
     api_key: str | None,
     adapters_root: Path,
     drain_timeout_s: float = 120,
+    promoted_at: datetime | None = None,
 ) -> ReconcileReport:
     model = job.registry.model_name
     registry = client_at(tracking_uri)
@@ -85,7 +87,7 @@ def reconcile(
         if name in loaded or name in ready:
             ready.add(name)
             continue
-        if failed_before(version):
+        if failed_before(version, promoted_at):
             skipped.append(name)
             continue
         verdict = _load_and_check(job, endpoint, serving, registry, version, tracking_uri, adapters_root)

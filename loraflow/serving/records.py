@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 from loraflow import paths
-from loraflow.process import is_healthy, recorded, stop_process, write_record
+from loraflow.process import is_healthy, recorded, stop_record, write_record
 from loraflow.serving.client import ServingClient
 
 STACK_FILE = "stack.json"
@@ -47,8 +47,15 @@ def state_dir(model_name: str) -> Path:
     return paths.sub("serving", model_name)
 
 
-def save(directory: Path, endpoint: Endpoint, processes: dict[str, dict]) -> None:
-    write_record(directory / STACK_FILE, {"endpoint": asdict(endpoint), "processes": processes})
+def save(directory: Path, endpoint: Endpoint, processes: dict[str, dict], ports: dict[str, int]) -> None:
+    write_record(directory / STACK_FILE, {"endpoint": asdict(endpoint), "processes": processes, "ports": ports})
+
+
+def recorded_ports(model_name: str) -> dict[str, int]:
+    """`serving.port` / `serving.vllm_port` the job's servers were last started on (a restart after a crash comes
+    back where clients and the reconciler expect it), or {} when nothing is recorded."""
+    file = state_dir(model_name) / STACK_FILE
+    return dict(json.loads(file.read_text()).get("ports", {})) if file.is_file() else {}
 
 
 def running_endpoint(model_name: str) -> Endpoint | None:
@@ -68,7 +75,7 @@ def stop_recorded(file: Path) -> list[int]:
     if not file.is_file():
         return []
     processes = json.loads(file.read_text()).get("processes", {})
-    stopped = [pid for name in ("router", "vllm") for pid in stop_process(recorded(processes.get(name)))]
+    stopped = [pid for name in ("router", "vllm") for pid in stop_record(processes.get(name))]
     file.unlink(missing_ok=True)
     return stopped
 

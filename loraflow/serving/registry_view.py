@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow.artifacts
@@ -16,6 +17,7 @@ from loraflow.serving.canary import CanaryVerdict
 
 CANARY_TAG = "serving.canary"
 REASON_TAG = "serving.reason"
+CANARY_AT_TAG = "serving.canary_at"  # when the verdict was reached (UTC, ISO 8601)
 
 
 def aliased_versions(client: MlflowClient, model_name: str, aliases: list[str]) -> dict[str, ModelVersion]:
@@ -51,8 +53,15 @@ def record_canary(client: MlflowClient, version: ModelVersion, verdict: CanaryVe
     """Tags on the model version: visible next to the alias in the MLflow UI."""
     client.set_model_version_tag(version.name, version.version, CANARY_TAG, "passed" if verdict.passed else "failed")
     client.set_model_version_tag(version.name, version.version, REASON_TAG, verdict.reason[:4000])
+    client.set_model_version_tag(version.name, version.version, CANARY_AT_TAG,
+                                 datetime.now(UTC).isoformat(timespec="seconds"))
 
 
-def failed_before(version: ModelVersion) -> bool:
-    """A version whose canary failed is not retried each tick; delete its `serving.canary` tag to retry."""
-    return version.tags.get(CANARY_TAG) == "failed"
+def failed_before(version: ModelVersion, promoted_at: datetime | None = None) -> bool:
+    """A version whose canary failed is not retried on every polling pass, only when an alias was set after the
+    verdict (`promoted_at`, the time of the alias event that triggered this pass): promoting it again retries it."""
+    if version.tags.get(CANARY_TAG) != "failed":
+        return False
+    if promoted_at is None or CANARY_AT_TAG not in version.tags:
+        return True
+    return datetime.fromisoformat(version.tags[CANARY_AT_TAG]) >= promoted_at

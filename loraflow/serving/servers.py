@@ -12,8 +12,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraflow.bases import resolve_base
 from loraflow.config.job import JobConfig
-from loraflow.data.templates import load_template
+from loraflow.data.sources import resolve_model_revision
 from loraflow.hashing import sha_of_text
 from loraflow.process import ManagedProcess, ProcessFailed, port_holder, port_in_use
 from loraflow.serving import records
@@ -21,7 +22,8 @@ from loraflow.serving.names import base_name
 from loraflow.serving.records import Endpoint
 from loraflow.serving.urls import VLLM_HOST, router_url, vllm_url
 from loraflow.serving.vllm_server import VllmLaunch, adapter_rank, vllm_lora_rank, vllm_process
-from loraflow.training.models import device_for, dtype_for, resolve_base
+from loraflow.templates import load_template
+from loraflow.training.models import device_for, dtype_for
 
 
 @dataclass
@@ -65,7 +67,7 @@ def start_stack(job: JobConfig, adapter_dirs: list[str | Path] = ()) -> ServingS
     template_file.write_text(template, encoding="utf-8")
     launch = VllmLaunch(
         base=resolve_base(job.model),
-        revision=job.model.revision,
+        revision=resolve_model_revision(job.model),  # the commit, never a branch that may have moved
         served_base_name=base_name(job.registry.model_name),
         chat_template=template_file,
         dtype=served_dtype(job),
@@ -86,7 +88,8 @@ def start_stack(job: JobConfig, adapter_dirs: list[str | Path] = ()) -> ServingS
         template_sha=sha_of_text(template),
         max_lora_rank=launch.max_lora_rank,
     )
-    records.save(directory, endpoint, {"vllm": vllm.record(), "router": router.record()})
+    records.save(directory, endpoint, {"vllm": vllm.record(), "router": router.record()},
+                 {"port": serving.port, "vllm_port": serving.vllm_port})
     return ServingStack(endpoint=endpoint, vllm=vllm, router=router, directory=directory)
 
 

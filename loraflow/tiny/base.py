@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from loraflow import paths
-from loraflow.data.templates import load_template
 from loraflow.hashing import code_sha, sha_of
+from loraflow.templates import load_template
 from loraflow.tiny import corpus
 
 log = logging.getLogger(__name__)

@@ -9,28 +9,15 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from loraflow.bases import resolve_base
 from loraflow.config.lora import QuantizationConfig
-from loraflow.config.model import EMBEDDED_PREFIX, ModelConfig
-from loraflow.data.templates import load_template
+from loraflow.config.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_base(model: ModelConfig) -> str:
-    """A local directory or hub id that transformers can load; embedded bases are built on first use."""
-    if model.is_embedded:
-        name = model.base.removeprefix(EMBEDDED_PREFIX)
-        if name != "tiny-ko":
-            raise ValueError(f"model.base: unknown embedded model {name!r} (known: tiny-ko)")
-        from loraflow.tiny.base import tiny_ko_dir
-
-        return str(tiny_ko_dir())
-    return model.base
 
 
 def device_for(model: ModelConfig) -> str:
@@ -51,16 +38,6 @@ def dtype_for(name: str, device: str) -> torch.dtype:
                              "`dtype: auto` (fp16 there) or `dtype: float16`")
         return torch.float16
     return torch.float32 if name == "auto" else DTYPES[name]
-
-
-def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_base(model), revision=model.revision, trust_remote_code=model.trust_remote_code
-    )
-    tokenizer.chat_template = load_template(model.chat_template)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def bnb_config(quant: QuantizationConfig, device: str) -> BitsAndBytesConfig | None:

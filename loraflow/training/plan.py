@@ -19,12 +19,12 @@ from peft.tuners.lora import LoraLayer
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from loraflow.bases import resolve_base
 from loraflow.config.job import JobConfig
 from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.errors import LoraflowError
-from loraflow.training.models import resolve_base
 from loraflow.training.train import peft_config
 
 BASES_DIR = Path(__file__).resolve().parent / "bases"

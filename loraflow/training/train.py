@@ -6,6 +6,7 @@ finds them and resumes from the last one instead of starting over.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
@@ -18,13 +19,15 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from loraflow.bases import load_tokenizer
 from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.hashing import sha_of_files
 from loraflow.outputs import write_json
 from loraflow.results import ChatResult, TrainResult
-from loraflow.training.models import device_for, dtype_for, load_base_model, load_tokenizer
+from loraflow.training.live_metrics import LiveMetrics, Tracking, system_metrics, training_run
+from loraflow.training.models import device_for, dtype_for, load_base_model
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,9 @@ def peak_rss_mb() -> float:
 
 
 def train_adapter(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
-                  training: TrainingConfig, out_dir: Path, key: str) -> TrainResult:
+                  training: TrainingConfig, out_dir: Path, key: str, tracking: Tracking | None = None) -> TrainResult:
+    """Train (or resume) the adapter in `out_dir`; with `tracking`, the MLflow run shows it live
+    (loraflow/training/live_metrics.py) and the result names the run."""
     tokenizer = load_tokenizer(model)
     data = load_from_disk(chat.tokenized_dir)
     base = load_base_model(model, quant, quantized=True)
@@ -116,15 +121,17 @@ def train_adapter(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quan
     if resume_from:
         log.info("resuming training from %s", resume_from)
     timer = StepTimer()
+    run_id = training_run(tracking, out_dir) if tracking else None
     trainer = SFTTrainer(
         model=base,
         args=sft_config(training, model, checkpoints),
         train_dataset=data["train"],
         processing_class=tokenizer,
         peft_config=peft_config(lora),
-        callbacks=[timer],
+        callbacks=[timer, *([LiveMetrics(tracking.uri, run_id)] if tracking and run_id else [])],
     )
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with system_metrics(tracking.uri, run_id) if tracking and run_id else contextlib.nullcontext():
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     elapsed = time.perf_counter() - timer.started
 
     adapter_dir = out_dir / "adapter"
@@ -151,4 +158,4 @@ def train_adapter(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quan
     write_json(out_dir / "train_metrics.json", metrics)
     log.info("train: %s", metrics)
     adapter_sha = sha_of_files([adapter_dir / f for f in ADAPTER_FILES], root=adapter_dir)
-    return TrainResult(key=key, path=str(out_dir), adapter_sha=adapter_sha, metrics=metrics)
+    return TrainResult(key=key, path=str(out_dir), adapter_sha=adapter_sha, metrics=metrics, run_id=run_id)

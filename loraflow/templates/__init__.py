@@ -5,6 +5,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from loraflow.hashing import sha_of_text
+
 
 def load_template(name_or_path: str) -> str:
     """A shipped template by name (`qwen2.5`) or any .jinja file by path."""
@@ -17,3 +19,8 @@ def load_template(name_or_path: str) -> str:
     names = sorted(p.name.removesuffix(".jinja") for p in resources.files(__name__).iterdir()
                    if p.name.endswith(".jinja"))
     raise FileNotFoundError(f"chat_template {name_or_path!r}: neither a shipped template {names} nor a file")
+
+
+def template_sha(name_or_path: str) -> str:
+    """What the registry records (`template_sha`) and the serving canary checks."""
+    return sha_of_text(load_template(name_or_path))

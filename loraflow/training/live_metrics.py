@@ -1,0 +1,82 @@
+"""Training shows in MLflow while it runs: the version's MLflow run starts when training starts (its id is kept in
+the train step's directory, so a training resumed after a crash continues the same run, and `register` later fills
+that run and registers the version from it), each logging step's loss, learning rate, grad norm and tokens/s are
+logged as they happen, and MLflow's system metrics (CPU, memory, GPU) are sampled meanwhile.
+
+transformers' own MLflowCallback is not used: it also logs every TrainingArguments field as a param, and MLflow
+params are immutable, so a resumed run whose arguments print differently (a new output path, a retry's changed
+batch) would fail on its first step. Only metrics are logged here; `register` logs the config as params once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Metric
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from transformers import TrainerCallback
+
+from loraflow.registry.client import client_at, ensure_experiment
+
+RUN_FILE = "mlflow_run.json"
+SYSTEM_SAMPLING_S = 3  # short trainings still get a few samples; MLflow aggregates nothing over them
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where the training's run goes: the job's tracking URI and experiment."""
+
+    uri: str
+    experiment: str
+    run_name: str
+
+
+def training_run(tracking: Tracking, out_dir: Path) -> str:
+    """The run of the training in `out_dir`: the one it started before a crash, else a new one."""
+    file = out_dir / RUN_FILE
+    if file.is_file():
+        return json.loads(file.read_text())["run_id"]
+    client = client_at(tracking.uri)
+    run = client.create_run(ensure_experiment(client, tracking.experiment),
+                            tags={"mlflow.runName": tracking.run_name, "loraflow.stage": "training"})
+    file.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": tracking.uri}))
+    return run.info.run_id
+
+
+class LiveMetrics(TrainerCallback):
+    """Each `logging_steps` step: `train/<name>` at the optimizer step, plus `train/tokens_per_second` from TRL's
+    `num_tokens` (non-padding tokens seen)."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client, self.run_id = client_at(uri), run_id
+        self.last: tuple[float, float] | None = None  # (time, num_tokens) at the previous log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now = time.time()
+        values = {k: float(v) for k, v in (logs or {}).items()
+                  if isinstance(v, int | float) and not isinstance(v, bool)}
+        if "num_tokens" in values:
+            if self.last is not None and now > self.last[0]:
+                values["tokens_per_second"] = (values["num_tokens"] - self.last[1]) / (now - self.last[0])
+            self.last = (now, values["num_tokens"])
+        stamp = int(now * 1000)
+        metrics = [Metric(f"train/{name}", value, stamp, state.global_step) for name, value in values.items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str) -> Iterator[None]:
+    """MLflow's own sampler of CPU, memory (and GPU where nvidia-ml-py finds one) for the body's duration."""
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_SAMPLING_S, resume_logging=True,
+                                   tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()

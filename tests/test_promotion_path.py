@@ -1,0 +1,117 @@
+"""A person's promotion reaches vLLM with nobody running a command: MLflow REST alias move (what the UI calls) ->
+MLflow webhook -> loraflow's receiver -> Prefect event -> `serve/tiny-ko` trigger -> reconcile -> the router's
+stable name. Then the fallback with the receiver down, and a vLLM killed with SIGKILL. Real local stack (Prefect
+server, worker, MLflow server, receiver) and real vLLM; the tests run in file order on one serving pair.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from loraflow.localstack.lifecycle import recorded_process
+from loraflow.process import stop_process
+from loraflow.registry.client import client_at
+from loraflow.serving.names import versioned_name
+from tests.fixtures import ALL_LINEAR, RegistryFixture, RunningStack, free_port, make_adapter
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-ko"  # the model of configs/tiny-ko.yaml, whose serve deployment carries the trigger
+
+
+def stack_record(stack: RunningStack) -> dict:
+    return json.loads((stack.home / "serving" / MODEL / "stack.json").read_text())
+
+
+def stable_root(router: str) -> str | None:
+    try:
+        listing = httpx.get(f"{router}/v1/models", timeout=10).json()["data"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+    return next((entry["root"] for entry in listing if entry["id"] == MODEL), None)
+
+
+def wait_for(check: Callable[[], bool], timeout: float) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, f"not within {timeout} s"
+        time.sleep(1)
+    return time.monotonic() - started
+
+
+def set_alias_like_the_ui(stack: RunningStack, version: str) -> None:
+    stack.mlflow("POST", "registered-models/alias", json={"name": MODEL, "alias": "champion", "version": version})
+
+
+@pytest.fixture(scope="module")
+def versions(local_stack: RunningStack, tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Two adapter versions of `tiny-ko` registered through the stack's MLflow server, as runs would."""
+    root = tmp_path_factory.mktemp("promotion-adapters")
+    experiment = client_at(local_stack.stack.mlflow_url).create_experiment("promotion-path")
+    registry = RegistryFixture(local_stack.stack.mlflow_url, MODEL, experiment)
+    return [registry.register(make_adapter(tiny_base_dir, root / f"v{seed}", r=8, targets=ALL_LINEAR, seed=seed))
+            for seed in (21, 22)]
+
+
+@pytest.fixture(scope="module")
+def router(local_stack: RunningStack, versions: list[str]):
+    """vLLM + router for tiny-ko started by the serve deployment on free ports; stopped the way a person does."""
+    overrides = json.dumps({"serving.port": free_port(), "serving.vllm_port": free_port()})
+    local_stack.prefect("deployment", "run", "serve/tiny-ko", "--param", f"overrides={overrides}", "--watch",
+                        timeout=900)
+    try:
+        yield stack_record(local_stack)["endpoint"]["router_url"]
+    finally:
+        local_stack.cli("loraflow", "serve", "configs/tiny-ko.yaml", "--stop")
+        with local_stack.client() as client:
+            serve = client.read_deployment_by_name(f"serve/{MODEL}")
+        assert [s.active for s in serve.schedules] == [False], "polling must stop with the servers"
+
+
+def test_alias_moves_through_mlflow_rest_reach_the_stable_name(local_stack: RunningStack, versions: list[str],
+                                                                router: str) -> None:
+    with local_stack.client() as client:
+        assert [s.active for s in client.read_deployment_by_name(f"serve/{MODEL}").schedules] == [True]
+    seconds = []
+    for version in (versions[0], versions[1]):
+        set_alias_like_the_ui(local_stack, version)
+        seconds.append(wait_for(lambda v=version: stable_root(router) == versioned_name(MODEL, v), 180))
+    print(f"[timing] alias set -> stable name serving it (event path): {seconds}")
+    reply = httpx.post(f"{router}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "헌법 제1조는?"}], "max_tokens": 8})
+    assert reply.status_code == 200 and reply.json()["model"] == versioned_name(MODEL, versions[1])
+
+
+def test_with_the_receiver_down_the_polling_fallback_gets_there(local_stack: RunningStack, versions: list[str],
+                                                                 router: str) -> None:
+    stop_process(recorded_process(local_stack.stack, "webhook"))
+    set_alias_like_the_ui(local_stack, versions[0])
+    seconds = wait_for(lambda: stable_root(router) == versioned_name(MODEL, versions[0]), 60 + 120)
+    print(f"[timing] alias set -> stable name serving it (polling fallback, receiver down): {seconds:.1f} s")
+    local_stack.up()  # the receiver comes back; `up` starts only what is not running
+
+
+def test_a_killed_vllm_is_restarted_and_the_stable_name_answers_again(local_stack: RunningStack,
+                                                                      versions: list[str], router: str) -> None:
+    vllm = psutil.Process(stack_record(local_stack)["processes"]["vllm"]["pid"])
+    vllm.kill()  # SIGKILL, the leader alone, as the OOM killer would
+
+    def answers() -> bool:
+        try:
+            reply = httpx.post(f"{router}/v1/chat/completions", timeout=30, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "국회는?"}], "max_tokens": 4})
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200 and reply.json()["model"] == versioned_name(MODEL, versions[0])
+
+    seconds = wait_for(answers, 300)
+    print(f"[timing] vLLM SIGKILL -> stable name answers again: {seconds:.1f} s")
+    assert seconds <= 180, seconds
+    assert stack_record(local_stack)["endpoint"]["router_url"] == router  # back on the same port

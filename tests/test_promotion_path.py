@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from prefect.client.schemas.filters import FlowRunFilter
+from prefect.client.schemas.objects import StateType
 
 from loraflow.localstack.lifecycle import recorded_process
 from loraflow.process import stop_process
@@ -84,6 +86,15 @@ def test_alias_moves_through_mlflow_rest_reach_the_stable_name(local_stack: Runn
         set_alias_like_the_ui(local_stack, version)
         seconds.append(wait_for(lambda v=version: stable_root(router) == versioned_name(MODEL, v), 180))
     print(f"[timing] alias set -> stable name serving it (event path): {seconds}")
+    # The event path did it, not the 60 s fallback: the trigger's runs carry the alias move's time, and no
+    # automation action failed (a bad parameter template fails there, silently but for this event).
+    with local_stack.client() as client:
+        deployment = client.read_deployment_by_name(f"serve/{MODEL}")
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [deployment.id]}))
+        failed = client.request("POST", "/events/filter", json={
+            "filter": {"event": {"name": ["prefect.automation.action.failed"]}}, "limit": 10}).json()["events"]
+    triggered = [r for r in runs if r.parameters.get("promoted_at") and r.state.type == StateType.COMPLETED]
+    assert len(triggered) >= 2 and not failed, ([r.parameters for r in runs], failed)
     reply = httpx.post(f"{router}/v1/chat/completions", timeout=60, json={
         "model": MODEL, "messages": [{"role": "user", "content": "헌법 제1조는?"}], "max_tokens": 8})
     assert reply.status_code == 200 and reply.json()["model"] == versioned_name(MODEL, versions[1])

@@ -124,5 +124,5 @@ def test_a_killed_vllm_is_restarted_and_the_stable_name_answers_again(local_stac
 
     seconds = wait_for(answers, 300)
     print(f"[timing] vLLM SIGKILL -> stable name answers again: {seconds:.1f} s")
-    assert seconds <= 180, seconds
+    assert seconds <= 120, seconds  # a 60 s polling interval, then vLLM start + reload + canary
     assert stack_record(local_stack)["endpoint"]["router_url"] == router  # back on the same port

@@ -72,11 +72,6 @@ def share_built_models(home: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_home() -> Path:
-    return Path(os.environ["LORAFLOW_HOME"])
-
-
-@pytest.fixture(scope="session")
 def tiny_base_dir() -> Path:
     from loraflow.tiny.base import tiny_ko_dir
 
@@ -176,6 +171,14 @@ class RunningStack:
             if time.monotonic() > deadline:
                 raise AssertionError(f"flow run {flow_run_id} still {run.state} after {timeout} s")
             time.sleep(1)
+
+    def run_deployment(self, name: str, *params: str, timeout: float = 900) -> FlowRun:
+        """`prefect deployment run NAME --param ...`, then the run's own state through the API: the CLI's `--watch`
+        was seen to miss the end of a long run and wait forever."""
+        created = re.findall(r"UUID: ([0-9a-f-]{36})", self.prefect("deployment", "run", name, *params).stdout)
+        run = self.wait_for_flow_run(created[0], timeout)
+        assert run.state is not None and run.state.type == StateType.COMPLETED, run.state
+        return run
 
     def mlflow(self, method: str, endpoint: str, **kwargs: Any) -> dict[str, Any]:
         response = httpx.request(method, f"{self.stack.mlflow_url}/api/2.0/mlflow/{endpoint}", timeout=30, **kwargs)

@@ -73,7 +73,9 @@ def test_servers_started_healthy(local_stack: RunningStack) -> None:
 
 def test_deployment_run_logs_to_mlflow_and_links_both_ways(local_stack: RunningStack) -> None:
     """Typed in a new shell: no PREFECT_API_URL, only the `loraflow` profile that `up` made active."""
-    flow_run_id, requested = run_deployment_cli(local_stack, "link-probe/link", "--watch", new_shell=True)
+    # Without --watch: Prefect 3.7 watches through an event subscription that can miss a run's end and wait forever;
+    # the run's state is read from the API below. The run must exist on the stack's server, not a temporary one.
+    flow_run_id, requested = run_deployment_cli(local_stack, "link-probe/link", new_shell=True)
     flow_run = local_stack.wait_for_flow_run(flow_run_id)
     assert flow_run.state.type == StateType.COMPLETED, flow_run.state
     record = probe_record(local_stack, flow_run_id)
@@ -156,7 +158,7 @@ def test_scheduler_creates_runs_from_cron(local_stack: RunningStack) -> None:
 def test_bad_override_fails_fast_naming_the_field(local_stack: RunningStack) -> None:
     work_before = sorted(p.relative_to(local_stack.home) for p in (local_stack.home / "work").rglob("*"))
     flow_run_id, requested = run_deployment_cli(
-        local_stack, "finetune/qwen-ko", "--param", 'overrides={"training.learning_rate": -1}', "--watch"
+        local_stack, "finetune/qwen-ko", "--param", 'overrides={"training.learning_rate": -1}'
     )
     flow_run = local_stack.wait_for_flow_run(flow_run_id)
     assert flow_run.state.type == StateType.FAILED, flow_run.state

@@ -54,7 +54,7 @@ def main() -> int:
         versions = [registry.register(make_adapter(tiny_ko_dir(), home / f"adapter-{seed}", r=8, targets=ALL_LINEAR,
                                                    seed=seed)) for seed in (31, 32)]
         overrides = json.dumps({"serving.port": free_port(), "serving.vllm_port": free_port()})
-        running.run_deployment("serve/tiny-ko", "--param", f"overrides={overrides}")
+        running.run_deployment("serve/tiny-ko", "--param", f"overrides={overrides}", "--param", "start=true")
         router = stack_record(running)["endpoint"]["router_url"]
         seconds = []
         for move in range(args.moves):

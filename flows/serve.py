@@ -19,8 +19,9 @@ from tasks.deploy import deploy
 @flow(name="serve")
 def serve(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | None = None, start: bool = True,
           promoted_at: datetime | None = None) -> dict[str, Any]:
-    """One reconcile pass. `start=False` only reconciles servers that are already running (fails otherwise).
+    """One reconcile pass. `start=False` (the deployment's default) reconciles running servers and restarts crashed
+    ones, but never starts serving from nothing: a finetune run or `loraflow serve` does.
     `promoted_at` is set by the alias-event trigger (deployments/prefect.yaml): the time of the alias move."""
     job = load_config(config, {**(overrides or {}), "serving.enabled": True})
     report = deploy(job, start=start, promoted_at=promoted_at)
-    return report.model_dump() if report else {}
+    return report.model_dump() if report else {"serving": "off"}

@@ -10,7 +10,7 @@ from prefect import get_client, get_run_logger, task
 from prefect.exceptions import ObjectNotFound
 
 from loraflow.config.job import JobConfig
-from loraflow.serving.records import running_endpoint
+from loraflow.serving.records import recorded_ports, running_endpoint
 from tasks.prefect_glue import accelerator
 
 
@@ -35,16 +35,22 @@ if TYPE_CHECKING:  # the serving code imports torch: load it only when deploying
 # A retry covers a vLLM start that failed for a passing reason (port still held by a stopping process).
 @task(name="deploy", retries=1, retry_delay_seconds=30)
 def deploy(job: JobConfig, start: bool = True, promoted_at: datetime | None = None) -> ReconcileReport | None:
-    """One reconcile pass; starts vLLM + router first when `start` and they are not running. `promoted_at`: the
+    """One reconcile pass; starts vLLM + router first when `start` and they are not running (a crashed pair is
+    restarted either way). `promoted_at`: the
     time of the alias move that triggered the pass (a version whose canary failed before it is tried again)."""
     if not job.serving.enabled:
         return None
     from loraflow.serving.deploy import deploy_aliases
 
-    starting = start and running_endpoint(job.registry.model_name) is None
+    model = job.registry.model_name
+    starting = running_endpoint(model) is None and (start or bool(recorded_ports(model)))
     with accelerator() if starting else nullcontext():  # starting vLLM takes the device: never during a training
-        endpoint, report = deploy_aliases(job, start=start, promoted_at=promoted_at)
+        deployed = deploy_aliases(job, start=start, promoted_at=promoted_at)
     logger = get_run_logger()
+    if deployed is None:
+        logger.info("serving %s is off (not started, or stopped on purpose): nothing to reconcile", model)
+        return None
+    endpoint, report = deployed
     if starting and (resumed := resume_polling(job.name)):
         logger.info("serve/%s: %d polling schedule(s) active while its servers run", job.name, resumed)
     for canary in report.canaries:

@@ -66,7 +66,7 @@ def versions(local_stack: RunningStack, tiny_base_dir: Path, tmp_path_factory: p
 def router(local_stack: RunningStack, versions: list[str]):
     """vLLM + router for tiny-ko started by the serve deployment on free ports; stopped the way a person does."""
     overrides = json.dumps({"serving.port": free_port(), "serving.vllm_port": free_port()})
-    local_stack.run_deployment("serve/tiny-ko", "--param", f"overrides={overrides}")
+    local_stack.run_deployment("serve/tiny-ko", "--param", f"overrides={overrides}", "--param", "start=true")
     try:
         yield stack_record(local_stack)["endpoint"]["router_url"]
     finally:

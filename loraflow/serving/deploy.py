@@ -14,22 +14,22 @@ from loraflow.serving.servers import start_stack
 from loraflow.serving.vllm_server import api_key
 
 
-class ServingDown(RuntimeError):
-    """No servers are running for the job and the caller asked not to start them."""
-
-
 def deploy_aliases(job: JobConfig, start: bool = True,
-                   promoted_at: datetime | None = None) -> tuple[Endpoint, ReconcileReport]:
+                   promoted_at: datetime | None = None) -> tuple[Endpoint, ReconcileReport] | None:
+    """Reconcile the job's running servers. Servers that crashed (their record is there, their processes are not)
+    are restarted on their ports in any case; servers that were never started, or stopped on purpose (`loraflow
+    down`, `serve --stop` drop the record first), are started only when `start`: else None, serving is off."""
     model = job.registry.model_name
     uri = tracking_uri(job.registry)
     adapters_root = state_dir(model) / "adapters"
     endpoint = running_endpoint(model)
     if endpoint is None:
-        if not start:
-            raise ServingDown(f"no serving servers for {model} (start them with start=True)")
+        ports = recorded_ports(model)
+        if not ports and not start:
+            return None
         # A half-dead pair (vLLM killed, router alive) is ours to replace: stop what is recorded, then start anew
         # on the same ports.
-        if ports := recorded_ports(model):
+        if ports:
             job = job.model_copy(update={"serving": job.serving.model_copy(update=ports)})
         stop_job_servers(model)
         # Download first: --max-lora-rank must hold the adapters that are going to be served.

@@ -75,9 +75,9 @@ def stop_recorded(file: Path) -> list[int]:
     if not file.is_file():
         return []
     processes = json.loads(file.read_text()).get("processes", {})
-    stopped = [pid for name in ("router", "vllm") for pid in stop_record(processes.get(name))]
+    # The record goes first: a reconcile running meanwhile must see "stopped on purpose", not "crashed, restart".
     file.unlink(missing_ok=True)
-    return stopped
+    return [pid for name in ("router", "vllm") for pid in stop_record(processes.get(name))]
 
 
 def stop_job_servers(model_name: str) -> list[int]:

@@ -34,10 +34,8 @@ class ServingStack:
     directory: Path
 
     def stop(self) -> None:
-        # Router first: clients get connection errors, not 502s from a half-stopped vLLM.
-        self.router.stop()
-        self.vllm.stop()
-        (self.directory / records.STACK_FILE).unlink(missing_ok=True)
+        """The one way a serving pair is stopped (`loraflow down` takes it too): record first, router, then vLLM."""
+        records.stop_recorded(self.directory / records.STACK_FILE)
 
 
 def served_dtype(job: JobConfig) -> str:

@@ -1,4 +1,5 @@
-"""The `finetune` flow: dataset -> chat -> train -> evaluate -> register -> promote -> merge -> deploy.
+"""The `finetune` flow: dataset -> chat -> train -> evaluate -> register -> promote -> merge -> deploy ->
+served parity.
 
     loraflow run configs/tiny-ko.yaml [--set training.epochs=1 ...]
     prefect deployment run finetune/tiny-ko [--param overrides='{"training.epochs": 1}']
@@ -20,6 +21,7 @@ from tasks.format_chat import format_chat
 from tasks.merge import merge
 from tasks.promote import promote
 from tasks.register import register
+from tasks.served_parity import served_parity
 from tasks.train import train
 from tasks.validate import validated_job
 
@@ -27,8 +29,8 @@ from tasks.validate import validated_job
 @flow(name="finetune")
 def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune the job's base model with (Q)LoRA, evaluate base vs tuned, register and gate the adapter, then
-    merge and serve it as the config says. `overrides` are dotted config fields (`{"training.learning_rate": 1e-4}`),
-    validated with the config before any work starts."""
+    merge and serve it as the config says, and check that the served version scores what was judged. `overrides`
+    are dotted config fields (`{"training.learning_rate": 1e-4}`), validated with the config before any work."""
     job = validated_job(config, overrides)
     get_run_logger().info("job %s: base %s, %d data source(s)", job.name, job.model.base, len(job.data.sources))
 
@@ -40,6 +42,7 @@ def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | N
     decision = promote(job, version, evaluated)
     merged = merge(job, trained, version)
     served = deploy(job)
+    parity = served_parity(job, version, served)
 
     return {
         "job": job.name,
@@ -53,4 +56,5 @@ def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | N
         "promotion": decision.model_dump(mode="json"),
         "merged_dir": merged.merged_dir if merged else None,
         "served_routes": served.routes if served else None,
+        "served_parity": parity.model_dump(mode="json") if parity else None,
     }

@@ -11,9 +11,11 @@ import torch
 from trl import SFTConfig
 
 from loraflow.config import JobConfig, load_config
+from loraflow.evaluation.served_parity import served_model_args
 from loraflow.registry.promote import judge
 from loraflow.serving.names import base_name
 from loraflow.serving.servers import max_lora_rank, served_dtype
+from loraflow.serving.urls import router_url
 from loraflow.serving.vllm_server import VllmLaunch, vllm_command
 from loraflow.training.models import bnb_config, dtype_for
 from loraflow.training.train import peft_config, sft_arguments
@@ -108,3 +110,15 @@ def test_gate_allows_one_standard_error_against_the_champion(qwen: JobConfig) ->
     assert judge(qwen.promotion, candidate(0.74), champion)[0]
     passed, reasons = judge(qwen.promotion, candidate(0.72), champion)
     assert not passed and any(r.startswith("fail: kobest_copa/acc") and "1 s.e." in r for r in reasons)
+
+
+def test_served_parity_scores_the_pinned_base_tokens_through_the_router(qwen: JobConfig) -> None:
+    pinned = qwen.model_copy(update={"model": qwen.model.model_copy(update={"revision": SHA})})
+    args = served_model_args(pinned, "qwen-ko-v3", router_url(pinned.serving), "k")
+    assert args["model"] == "qwen-ko-v3"
+    assert args["base_url"] == "http://127.0.0.1:8100/v1/completions"
+    assert (args["tokenizer"], args["revision"]) == ("Qwen/Qwen2.5-7B-Instruct", SHA)
+    assert args["tokenized_requests"] is True and args["tokenizer_backend"] == "huggingface"
+    assert args["max_length"] == 4096 and args["header"] == {"Authorization": "Bearer k"}
+    assert pinned.serving.parity.enabled and pinned.serving.parity.limit is None
+    assert set(pinned.eval.benchmarks.tasks) >= {"kobest_boolq", "kobest_copa"}

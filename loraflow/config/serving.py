@@ -39,6 +39,17 @@ class CanaryConfig(Section):
     min_changed: int = Field(default=1, gt=0)
 
 
+class ParityConfig(Section):
+    """After deploy, the configured benchmark tasks are scored on the served version (lm-eval `local-completions`
+    through the router) and compared with the registered `tuned/...` metrics (docs/serving.md)."""
+
+    enabled: bool = True
+    # Items per task for the served run (None: all; the comparison then covers the very items that were judged).
+    limit: int | None = Field(default=None, gt=0)
+    # A metric is out of parity beyond this many standard errors (the larger of served and registered).
+    stderr_multiple: float = Field(default=1.0, gt=0)
+
+
 class ServingConfig(Section):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -65,6 +76,7 @@ class ServingConfig(Section):
     # Registry aliases served under their versioned names; `champion` also answers to the stable name.
     aliases: list[str] = Field(default_factory=lambda: ["champion", "challenger"], min_length=1)
     canary: CanaryConfig = CanaryConfig()
+    parity: ParityConfig = ParityConfig()
     extra_args: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -109,7 +109,8 @@ def flatten_results(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def _evaluate(lm: Any, bench: BenchmarkConfig, out_dir: Path, label: str) -> BenchmarkRun:
+def run_lm(lm: Any, bench: BenchmarkConfig, out_dir: Path, label: str) -> BenchmarkRun:
+    """The configured tasks on any lm-eval model (in-process, or an API model such as `local-completions`)."""
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable
 
@@ -150,4 +151,4 @@ def run_benchmarks(model: torch.nn.Module, tokenizer: Any, bench: BenchmarkConfi
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bench.batch_size)
-    return _evaluate(lm, bench, out_dir, label)
+    return run_lm(lm, bench, out_dir, label)

@@ -28,6 +28,7 @@ from loraflow.results import ChatResult, DatasetResult, EvalResult, RegisteredVe
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "loraflow.run_key"
+TRAINING_RUN_TAG = "loraflow.training_run_id"  # the live run of the training, when this version has a run of its own
 
 
 def code_version() -> str:
@@ -125,19 +126,24 @@ def register_adapter(
         **(extra_tags or {}),
     }
     experiment_id = ensure_experiment(client, job.registry.experiment or job.name)
-    # The run that watched the training live, when there was one (a re-evaluated adapter adds a version to it).
-    if trained.run_id:
-        run = client.get_run(trained.run_id)
-        client.log_batch(trained.run_id, tags=[RunTag(k, v) for k, v in lineage.items()])
+    # The run that watched the training live, when there was one and no version holds it yet: MLflow params are
+    # immutable, so the same adapter registered again with another config (a re-evaluation, another model name)
+    # gets a run of its own, which points back at the training run.
+    live_run = trained.run_id if trained.run_id and not client.search_model_versions(
+        f"run_id = '{trained.run_id}'") else None
+    if live_run:
+        run = client.get_run(live_run)
+        client.log_batch(live_run, tags=[RunTag(k, v) for k, v in lineage.items()])
     else:
-        run = client.create_run(experiment_id, tags={**lineage, "mlflow.runName": f"{job.name}-{run_key[:8]}"})
+        lineage_of_run = {**lineage, **({TRAINING_RUN_TAG: trained.run_id} if trained.run_id else {})}
+        run = client.create_run(experiment_id, tags={**lineage_of_run, "mlflow.runName": f"{job.name}-{run_key[:8]}"})
     run_id = run.info.run_id
     try:
         params = [Param(k, v[:6000]) for k, v in flatten(job.model_dump(mode="json")).items()]
         client.log_batch(run_id, params=params)
         history = json.loads(Path(trained.log_history).read_text())
         metrics = [Metric(f"train/{k}", float(v), 0, 0) for k, v in trained.metrics.items()]
-        if not trained.run_id:  # a live run has its loss curve already, point by point
+        if not live_run:  # a live run has its loss curve already, point by point
             metrics += [Metric("train/loss", float(e["loss"]), 0, int(e["step"])) for e in history if "loss" in e]
         metrics += [Metric(k, float(v), 0, 0) for k, v in evaluated.metrics.items()]
         for start in range(0, len(metrics), 900):

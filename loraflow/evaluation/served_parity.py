@@ -1,0 +1,140 @@
+"""served_parity: after deploy, score what answers. The configured lm-eval tasks run through the OpenAI-compatible
+API (lm-eval's `local-completions`, on the version's served name, through the router as clients reach it) and are
+compared with the `tuned/...` metrics the version was judged on. Beyond `stderr_multiple` standard errors on any
+metric, the version is tagged `serving.parity=failed` with the numbers: what answers is not what was judged.
+
+Logged on the version's run: `served/<task>/<metric>` (and `_stderr`), tags `serving.parity`,
+`serving.parity.detail`, `serving.parity.key` (the same check is not run twice for one serving set-up).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric
+from pydantic import BaseModel, ConfigDict
+
+from loraflow.bases import resolve_base
+from loraflow.config.job import JobConfig
+from loraflow.evaluation import benchmarks
+from loraflow.hashing import sha_of
+from loraflow.registry.client import client_for
+from loraflow.results import RegisteredVersion
+from loraflow.serving.names import versioned_name
+
+log = logging.getLogger(__name__)
+
+PARITY_TAG = "serving.parity"
+DETAIL_TAG = "serving.parity.detail"
+KEY_TAG = "serving.parity.key"
+SERVED = "served"
+TUNED = "tuned"
+
+
+class MetricParity(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    metric: str  # `<task>/<metric>`
+    served: float
+    registered: float
+    tolerance: float
+
+    @property
+    def within(self) -> bool:
+        return abs(self.served - self.registered) <= self.tolerance
+
+    def line(self) -> str:
+        mark = "ok" if self.within else "OUT"
+        return (f"{self.metric}: served {self.served:.4f} vs registered {self.registered:.4f} "
+                f"(|diff| {abs(self.served - self.registered):.4f}, tolerance {self.tolerance:.4f}) {mark}")
+
+
+class ParityReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    served_name: str
+    passed: bool
+    metrics: list[MetricParity]
+    limit: int | None
+    seconds: float
+
+    def detail(self) -> str:
+        return "; ".join(m.line() for m in self.metrics)
+
+
+def parity_key(job: JobConfig) -> str:
+    """What the check depends on besides the version: how it is served and what is measured."""
+    serving = job.serving.model_dump(mode="json", exclude={"port", "vllm_port", "host", "startup_timeout_s"})
+    return sha_of(serving, job.eval.benchmarks.model_dump(mode="json"))[:16]
+
+
+def compare(served: dict[str, float], registered: dict[str, float], stderr_multiple: float) -> list[MetricParity]:
+    """Each served `<task>/<metric>` that was also registered as `tuned/...`; the tolerance is `stderr_multiple`
+    times the larger of the two standard errors (a `limit` makes the served one the larger)."""
+    compared = []
+    for name, value in sorted(served.items()):
+        if name.endswith("_stderr") or f"{TUNED}/{name}" not in registered:
+            continue
+        errors = [served.get(f"{name}_stderr", 0.0), registered.get(f"{TUNED}/{name}_stderr", 0.0)]
+        compared.append(MetricParity(metric=name, served=value, registered=registered[f"{TUNED}/{name}"],
+                                     tolerance=stderr_multiple * max(errors)))
+    return compared
+
+
+def served_model_args(job: JobConfig, served_name: str, router_url: str, api_key: str | None) -> dict[str, Any]:
+    """lm-eval `local-completions` arguments for a served name: prompts go as token ids (the base's tokenizer), so
+    the served model scores exactly the tokens the in-process evaluation scored."""
+    return {
+        "model": served_name,
+        "base_url": f"{router_url}/v1/completions",
+        "tokenizer": resolve_base(job.model),
+        "revision": job.model.revision or "main",
+        "tokenizer_backend": "huggingface",
+        "tokenized_requests": True,
+        "batch_size": job.eval.benchmarks.batch_size,
+        "max_length": job.serving.max_model_len or 2048,
+        "header": {"Authorization": f"Bearer {api_key}"} if api_key else None,
+    }
+
+
+def check_served_parity(job: JobConfig, version: RegisteredVersion, router_url: str, api_key: str | None,
+                        force: bool = False) -> ParityReport | None:
+    """Score `<model>-v<version>` as served and tag the version. None when there is nothing to check (no
+    benchmark tasks, or the check is off) or this version was checked under the same serving set-up (unless
+    `force`)."""
+    bench = job.eval.benchmarks
+    if not bench.tasks or not job.serving.parity.enabled:
+        return None
+    client = client_for(job.registry)
+    key = parity_key(job)
+    tags = client.get_model_version(version.model_name, version.version).tags
+    if not force and tags.get(KEY_TAG) == key and PARITY_TAG in tags:
+        log.info("served parity of %s v%s: already %s", version.model_name, version.version, tags[PARITY_TAG])
+        return None
+    served_name = versioned_name(version.model_name, version.version)
+    limit = job.serving.parity.limit
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(**served_model_args(job, served_name, router_url, api_key))
+    with tempfile.TemporaryDirectory() as scratch:
+        run = benchmarks.run_lm(lm, bench.model_copy(update={"limit": limit}), Path(scratch), SERVED)
+        client.log_artifact(version.run_id, run.results_file, "eval/served")
+    metrics = [Metric(f"{SERVED}/{name}", value, 0, 0) for name, value in run.metrics.items()]
+    client.log_batch(version.run_id, metrics=metrics)
+
+    registered = client.get_run(version.run_id).data.metrics
+    compared = compare(run.metrics, registered, job.serving.parity.stderr_multiple)
+    report = ParityReport(served_name=served_name, passed=all(m.within for m in compared) and bool(compared),
+                          metrics=compared, limit=limit, seconds=run.seconds)
+    verdict = "passed" if report.passed else "failed"
+    detail = report.detail() or "no served metric matches a registered tuned/ metric"
+    # Version tags show on the version's page in the MLflow UI; MLflow caps a tag value at 5000 characters.
+    for tag, value in ((PARITY_TAG, verdict), (DETAIL_TAG, detail[:5000]), (KEY_TAG, key)):
+        client.set_model_version_tag(version.model_name, version.version, tag, value)
+    client.set_tag(version.run_id, PARITY_TAG, verdict)
+    level = logging.INFO if report.passed else logging.WARNING
+    log.log(level, "served parity of %s: %s in %.1f s: %s", served_name, verdict, run.seconds, detail)
+    return report

@@ -1,0 +1,91 @@
+"""What answers is what was judged: the finetune flow with serving on ends by scoring the served version through
+the router (lm-eval `local-completions`) and comparing it with the registered `tuned/...` metrics; a served model
+that is not the judged one is flagged `serving.parity=failed` on the version, where the MLflow UI shows it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.finetune import finetune
+from loraflow.config import load_config
+from loraflow.evaluation.served_parity import DETAIL_TAG, PARITY_TAG, check_served_parity
+from loraflow.registry.client import client_at
+from loraflow.results import RegisteredVersion
+from loraflow.serving.names import versioned_name
+from loraflow.serving.records import running_endpoint, stop_job_servers
+from tests.fixtures import ALL_LINEAR, TINY_CONFIG, TINY_OVERRIDES, free_port, make_adapter
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-ko-parity"
+TASKS = ("tiny_kobest_boolq", "tiny_kobest_copa", "tiny_kobest_hellaswag")
+
+
+@pytest.fixture(scope="module")
+def overrides() -> dict[str, object]:
+    return {**TINY_OVERRIDES, "registry.model_name": MODEL, "serving.enabled": True,
+            "serving.port": free_port(), "serving.vllm_port": free_port(), "serving.max_model_len": 512}
+
+
+@pytest.fixture(scope="module")
+def served_run(finetune_run: dict, overrides: dict[str, object]) -> Iterator[dict]:
+    """The session's adapter (every step cached), registered under its own model name, served and checked."""
+    try:
+        yield finetune(config=TINY_CONFIG, overrides=overrides)
+    finally:
+        stop_job_servers(MODEL)
+
+
+def _client(run: dict) -> MlflowClient:
+    return client_at(run["tracking_uri"])
+
+
+def test_served_version_scores_what_was_registered(served_run: dict) -> None:
+    name = versioned_name(MODEL, served_run["version"])
+    assert served_run["served_routes"] == {MODEL: name}
+    parity = served_run["served_parity"]
+    assert parity is not None and parity["served_name"] == name
+    client = _client(served_run)
+    metrics = client.get_run(served_run["run_id"]).data.metrics
+    for task in TASKS:
+        assert f"served/{task}/acc" in metrics and f"served/{task}/acc_stderr" in metrics
+    compared = {m["metric"]: m for m in parity["metrics"]}
+    assert {f"{task}/acc" for task in TASKS} <= set(compared)
+    for metric, check in compared.items():
+        # Served (vLLM, fp32 base + adapter) and registered (fp32 in-process) agree to within an item or two.
+        assert abs(check["served"] - metrics[f"tuned/{metric}"]) <= 2 / 60 + 1e-9, check
+        assert abs(check["served"] - check["registered"]) <= check["tolerance"], check
+    assert parity["passed"]
+    tags = client.get_model_version(MODEL, served_run["version"]).tags
+    assert tags[PARITY_TAG] == "passed" and "tiny_kobest_copa/acc: served" in tags[DETAIL_TAG]
+
+
+def test_a_different_adapter_under_the_versions_name_is_flagged(served_run: dict, overrides: dict[str, object],
+                                                                 tiny_base_dir: Path, tmp_path: Path) -> None:
+    job = load_config(TINY_CONFIG, overrides)
+    name = versioned_name(MODEL, served_run["version"])
+    endpoint = running_endpoint(MODEL)
+    assert endpoint is not None
+    # Not the judged adapter: random weights loaded under the version's name, as a stale or foreign copy would be.
+    other = make_adapter(tiny_base_dir, tmp_path / "other", r=16, targets=list(ALL_LINEAR), seed=11)
+    serving = endpoint.client(None)
+    serving.unload_adapter(name)
+    serving.load_adapter(name, str(other))
+    version = RegisteredVersion(model_name=MODEL, version=served_run["version"], run_id=served_run["run_id"],
+                                experiment_id="", source="", tracking_uri=served_run["tracking_uri"], created=False)
+
+    report = check_served_parity(job, version, endpoint.router_url, None)
+    assert report is None, "an unchanged serving set-up is checked once per version"
+    report = check_served_parity(job, version, endpoint.router_url, None, force=True)
+
+    assert report is not None and not report.passed
+    out = [m for m in report.metrics if not m.within]
+    assert out, report.detail()
+    tags = _client(served_run).get_model_version(MODEL, served_run["version"]).tags
+    assert tags[PARITY_TAG] == "failed"
+    assert all(f"{m.metric}: served {m.served:.4f} vs registered {m.registered:.4f}" in tags[DETAIL_TAG] for m in out)
+    assert _client(served_run).get_run(served_run["run_id"]).data.tags[PARITY_TAG] == "failed"

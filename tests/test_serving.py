@@ -273,9 +273,8 @@ def test_challenger_is_served_under_its_version_only_and_rollback_is_an_alias_mo
     assert (again.canaries, again.unloaded, again.routes) == ([], [], {MODEL: v_a})
 
 
-def test_serve_flow_reconciles_the_running_stack(
-    stack: ServingStack, overrides: dict[str, object], reg: RegistryFixture, registry: dict[str, str]
-) -> None:
+def test_serve_flow_reconciles_the_running_stack(stack: ServingStack, overrides: dict[str, object],
+                                                 reg: RegistryFixture, registry: dict[str, str]) -> None:
     """The Prefect flow `serve` attaches to the job's running stack (stack.json) and moves the stable name."""
     reg.set_alias("champion", registry["b"])
     summary = serve(config=str(CONFIG), overrides=overrides, start=False)

@@ -24,7 +24,6 @@ from loraflow.serving.names import base_name, versioned_name
 from loraflow.serving.reconcile import ReconcileReport, reconcile
 from loraflow.serving.records import state_dir, stop_all_servers
 from loraflow.serving.servers import ServingStack, start_stack
-from loraflow.tiny.base import tiny_ko_dir
 from tests.fixtures import (
     ALL_LINEAR,
     ATTENTION,
@@ -45,20 +44,16 @@ PROMPT = "대한민국 헌법 제1조는 무엇입니까?"
 
 
 @pytest.fixture(scope="module")
-def base_dir() -> Path:
-    return tiny_ko_dir()
-
-@pytest.fixture(scope="module")
-def adapters(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def adapters(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     made = {
-        "a": make_adapter(base_dir, root / "a", r=8, targets=ATTENTION, seed=1),
-        "b": make_adapter(base_dir, root / "b", r=16, targets=ALL_LINEAR, seed=2),
+        "a": make_adapter(tiny_base_dir, root / "a", r=8, targets=ATTENTION, seed=1),
+        "b": make_adapter(tiny_base_dir, root / "b", r=16, targets=ALL_LINEAR, seed=2),
         # lora_B left at zero, as PEFT initialises it: loads fine, changes nothing
-        "noop": make_adapter(base_dir, root / "noop", r=8, targets=ATTENTION, seed=3, b_std=0),
-        "mismatch": retarget_adapter(make_adapter(base_dir, root / "mismatch", r=8, targets=["q_proj"], seed=4),
+        "noop": make_adapter(tiny_base_dir, root / "noop", r=8, targets=ATTENTION, seed=3, b_std=0),
+        "mismatch": retarget_adapter(make_adapter(tiny_base_dir, root / "mismatch", r=8, targets=["q_proj"], seed=4),
                                      "q_proj", "query_proj"),
-        "template": make_adapter(base_dir, root / "template", r=8, targets=ATTENTION, seed=5),
+        "template": make_adapter(tiny_base_dir, root / "template", r=8, targets=ATTENTION, seed=5),
     }
     # trained with some other chat template than the one its version's `template_sha` records
     (made["template"] / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
@@ -152,7 +147,7 @@ def test_api_key_is_required(stack: ServingStack) -> None:
 
 def test_champion_is_served_and_matches_peft_token_for_token(
     stack: ServingStack, sync, reg: RegistryFixture, registry: dict[str, str], adapters: dict[str, Path],
-    base_dir: Path,
+    tiny_base_dir: Path,
 ) -> None:
     reg.set_alias("champion", registry["a"])
     report = sync()
@@ -175,7 +170,7 @@ def test_champion_is_served_and_matches_peft_token_for_token(
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                                tokenize=True, return_dict=True)["input_ids"]
     assert stable["prompt_token_ids"] == prompt_ids
-    expected = peft_greedy(base_dir, adapters["a"], prompt_ids, max_new_tokens=24)
+    expected = peft_greedy(tiny_base_dir, adapters["a"], prompt_ids, max_new_tokens=24)
     assert served == expected
 
 

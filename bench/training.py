@@ -1,12 +1,13 @@
-"""Training-side figures on tiny-ko, as ratios measured in one run (each variant in its own process, so that
-peak RSS is its own):
+"""Training throughput and quality on tiny-ko, as ratios measured in one run (each variant in its own process, so
+that peak RSS is its own):
 
-* loraflow's QLoRA step vs the tutorials' plain recipe (fp32 model + LoRA + SFTTrainer on raw `messages`):
-  training tokens/s;
-* peak memory: QLoRA vs LoRA vs full fine-tuning;
-* a cached rerun of the whole `finetune` flow vs its cold run.
+* loraflow's train step (configs/tiny-ko.yaml as shipped: QLoRA, padding-free batches) and its plain-LoRA variant
+  vs the tutorials' recipe (fp32 model + LoRA + SFTTrainer tokenizing raw `messages`, padded batches): training
+  tokens/s (TRL's `num_tokens`: non-padding tokens only) over the same samples (`--epochs` of the train split);
+* the held-out assistant-token loss after those samples (loraflow / recipe: equal or lower is the bar);
+* peak memory: QLoRA vs LoRA vs full fine-tuning.
 
-    .venv/bin/python bench/training.py [--steps 40] [--skip-flow]
+    .venv/bin/python bench/training.py [--epochs 1] [--json FILE] [--set training.padding_free=false ...]
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,7 +28,7 @@ CONFIG = "configs/tiny-ko.yaml"
 VARIANTS = ("tutorial-lora", "loraflow-qlora", "loraflow-lora", "full")
 
 
-def _prepared(overrides: dict):
+def _prepared(overrides: dict[str, Any]):
     from loraflow.config import load_config
     from loraflow.data.build_dataset import build_dataset
     from loraflow.data.format_chat import format_chat
@@ -43,87 +44,93 @@ def _prepared(overrides: dict):
     return job, dataset, chat
 
 
-def run_variant(variant: str, steps: int) -> dict:
-    """Runs in a child process; returns tokens/s and peak RSS of that process."""
+def run_variant(variant: str, epochs: float, extra: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a child process: tokens/s, held-out assistant loss and peak RSS of that process."""
     from datasets import load_from_disk
+    from peft import PeftModel
     from trl import SFTTrainer
 
     from loraflow.bases import load_tokenizer
+    from loraflow.evaluation.perplexity import assistant_perplexity
     from loraflow.training.models import load_base_model
     from loraflow.training.train import peak_rss_mb, peft_config, sft_config, train_adapter
 
-    overrides = {"training.max_steps": steps, "training.save_steps": 10_000, "training.logging_steps": 1}
+    overrides = {"training.epochs": epochs, "training.save_steps": 10_000, "training.logging_steps": 1, **extra}
     if variant in ("loraflow-lora", "tutorial-lora", "full"):
         overrides["quantization.method"] = "none"
+    if not variant.startswith("loraflow"):  # the recipe pads every batch, as the tutorials' SFTTrainer does
+        overrides["training.padding_free"] = False
     job, dataset, chat = _prepared(overrides)
     out = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
+    tokenizer = load_tokenizer(job.model)
     if variant.startswith("loraflow"):
         result = train_adapter(chat, job.model, job.lora, job.quantization, job.training, out, "bench")
         history = json.loads(Path(result.log_history).read_text())
+        # Scored as the evaluate step scores it: the base at serving precision plus the adapter.
+        model = PeftModel.from_pretrained(load_base_model(job.model, job.quantization, quantized=False),
+                                          str(Path(result.path) / "adapter"))
     else:
         # The tutorials' recipe: let TRL tokenize raw conversations itself; full FT has no peft_config.
-        tokenizer = load_tokenizer(job.model)
-        model = load_base_model(job.model, job.quantization, quantized=False)
         trainer = SFTTrainer(
-            model=model,
+            model=load_base_model(job.model, job.quantization, quantized=False),
             args=sft_config(job.training, job.model, out),
             train_dataset=load_from_disk(dataset.dataset_dir)["train"],
             processing_class=tokenizer,
             peft_config=peft_config(job.lora) if variant == "tutorial-lora" else None,
         )
         trainer.train()
-        history = trainer.state.log_history
+        history, model = trainer.state.log_history, trainer.model
     # The Trainer's own clock and token count for every variant: setup (loading, tokenizing) is not training.
     seconds = next(entry["train_runtime"] for entry in history if "train_runtime" in entry)
     tokens = max(entry.get("num_tokens", 0) for entry in history)
-    return {"variant": variant, "steps": steps, "seconds": seconds, "tokens": tokens,
-            "tokens_per_second": tokens / seconds, "peak_rss_mb": peak_rss_mb()}
+    held_out = load_from_disk(chat.tokenized_dir)["eval"]
+    loss = assistant_perplexity(model, held_out, pad_id=tokenizer.pad_token_id, batch_size=8)["nll"]
+    return {"variant": variant, "seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
+            "eval_loss": loss, "peak_rss_mb": peak_rss_mb()}
 
 
-def _child(variant: str, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(steps)],
+def _child(variant: str, epochs: float, extra: dict[str, Any]) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "--variant", variant, "--epochs", str(epochs),
+                          "--extra", json.dumps(extra)],
                          capture_output=True, text=True, check=True, cwd=ROOT, env=os.environ.copy())
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _flow_times() -> tuple[float, float]:
-    env = {**os.environ, "LORAFLOW_HOME": tempfile.mkdtemp(prefix="bench-flow-")}
-    models = Path(os.environ.get("LORAFLOW_HOME", ROOT / ".loraflow")).resolve() / "models"
-    if models.is_dir():  # the base model build is not what this measures
-        (Path(env["LORAFLOW_HOME"]) / "models").symlink_to(models, target_is_directory=True)
-    times = []
-    for _ in range(2):
-        started = time.perf_counter()
-        # Serving is off: this measures the pipeline's cache, not a vLLM start.
-        subprocess.run([sys.executable, "-m", "flows.finetune", "--config", CONFIG, "--set", "serving.enabled=false"],
-                       check=True, cwd=ROOT, env=env, capture_output=True)
-        times.append(time.perf_counter() - started)
-    return times[0], times[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", choices=VARIANTS)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--skip-flow", action="store_true")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="config override for the loraflow variants (a lever to compare)")
+    parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.steps)))
+        print(json.dumps(run_variant(args.variant, args.epochs, json.loads(args.extra))))
         return
-    results = {v: _child(v, args.steps) for v in VARIANTS}
-    print(f"tiny-ko, {args.steps} optimizer steps per variant, batch {8}, CPU ({os.cpu_count()} cores)\n")
-    print("| variant | tokens/s | peak RSS MiB |\n|---|---:|---:|")
+    from loraflow.cli import parse_overrides
+
+    extra = parse_overrides(args.set)
+    results = {v: _child(v, args.epochs, extra) for v in VARIANTS}
+    recipe, qlora, lora, full = (results[v] for v in VARIANTS)
+    print(f"tiny-ko, {args.epochs:g} epoch(s) of the train split per variant, CPU ({os.cpu_count()} cores)"
+          f"{', ' + ' '.join(args.set) if args.set else ''}\n")
+    print("| variant | tokens/s | held-out loss | peak RSS MiB |\n|---|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['tokens_per_second']:.0f} | {r['peak_rss_mb']:.0f} |")
-    tutorial, qlora, lora, full = (results[v] for v in VARIANTS)
-    for name, r in (("QLoRA", qlora), ("LoRA", lora)):
-        ratio = r["tokens_per_second"] / tutorial["tokens_per_second"]
-        print(f"loraflow {name} vs tutorial recipe, tokens/s: {ratio:.2f}x")
-    print(f"peak RSS QLoRA / LoRA / full: {qlora['peak_rss_mb'] / full['peak_rss_mb']:.2f} / "
-          f"{lora['peak_rss_mb'] / full['peak_rss_mb']:.2f} / 1.00")
-    if not args.skip_flow:
-        cold, cached = _flow_times()
-        print(f"finetune flow: cold {cold:.1f}s, cached rerun {cached:.1f}s ({cached / cold:.2%} of cold)")
+        print(f"| {name} | {r['tokens_per_second']:.0f} | {r['eval_loss']:.4f} | {r['peak_rss_mb']:.0f} |")
+    figures = {
+        "training.speedup_vs_recipe": qlora["tokens_per_second"] / recipe["tokens_per_second"],
+        "training.eval_loss_ratio": qlora["eval_loss"] / recipe["eval_loss"],
+        "training.lora_speedup_vs_recipe": lora["tokens_per_second"] / recipe["tokens_per_second"],
+        "training.lora_eval_loss_ratio": lora["eval_loss"] / recipe["eval_loss"],
+        "training.peak_rss_qlora_vs_full": qlora["peak_rss_mb"] / full["peak_rss_mb"],
+        "training.variants": results,
+    }
+    for name, value in figures.items():
+        if isinstance(value, float):
+            print(f"{name}: {value:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ def test_sft_arguments_on_a_bf16_gpu(qwen: JobConfig, bf16_gpu: None, tmp_path: 
     assert args["optim"] == "paged_adamw_8bit"
     assert args["gradient_checkpointing"] is True
     assert args["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
-    batch = (args["per_device_train_batch_size"], args["gradient_accumulation_steps"], args["max_length"])
+    batch = (args["per_device_train_batch_size"], args["gradient_accumulation_steps"], qwen.training.max_length)
     assert batch == (4, 4, 2048)
+    # Padding-free batches: format_chat already dropped rows over max_length, and TRL refuses to cut them again.
+    assert (args["padding_free"], args["packing"], args["max_length"]) == (True, False, None)
     assert args["learning_rate"] == 2e-4 and args["lr_scheduler_type"] == "cosine"
     # Everything else validates in SFTConfig itself (which refuses mixed precision where no GPU exists).
     config = SFTConfig(**{**args, "bf16": False, "use_cpu": True})

@@ -126,3 +126,30 @@ def test_lora_targets_missing_from_the_model_fail_clearly(step_results, tmp_path
     job = load_config(TINY_CONFIG, {"lora.target_modules": ["not_a_module"], "training.max_steps": 1})
     with pytest.raises(ValueError, match="not_a_module"):
         train_adapter(chat, job.model, job.lora, job.quantization, job.training, tmp_path, "k")
+
+
+def test_padding_free_batches_keep_conversations_apart(step_results, tiny_base_dir):
+    """The default collator concatenates a batch into one row with per-conversation position_ids: the loss must be
+    the padded batch's to float precision, which it is only if no conversation attends to another."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows = load_from_disk(step_results["chat"].tokenized_dir)["train"].select(range(6))
+    # Labels as SFTTrainer folds them in from the assistant mask.
+    examples = [{"input_ids": r["input_ids"],
+                 "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"], strict=True)]}
+                for r in rows]
+    assert len({len(e["input_ids"]) for e in examples}) > 1, "rows of equal length prove nothing"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir), dtype=torch.float32).eval()
+    losses = {}
+    for padding_free in (False, True):
+        batch = DataCollatorForLanguageModeling(pad_token_id=3, padding_free=padding_free)(examples)
+        assert ("attention_mask" in batch) != padding_free
+        with torch.no_grad():
+            # use_cache=False as SFTTrainer.compute_loss sets it: with a cache, transformers does not look for
+            # packed sequences in position_ids.
+            losses[padding_free] = model(**batch, use_cache=False).loss.item()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
+    assert load_config(TINY_CONFIG).training.padding_free

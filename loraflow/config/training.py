@@ -26,3 +26,8 @@ class TrainingConfig(Section):
     seed: int = 42
     # Packing was slower than no packing for tiny models on CPU (measured with TRL 1.16): off unless asked for.
     packing: bool = False
+    # Each batch is one row of concatenated conversations with per-conversation position_ids (TRL's padding-free
+    # collator): no compute on padding. transformers builds the block-diagonal attention mask from position_ids
+    # (sdpa/eager) or passes the boundaries to flash-attention kernels, so no conversation sees another
+    # (tests/test_train.py checks the loss equals the padded batch's). bench/training.py measures the gain.
+    padding_free: bool = True

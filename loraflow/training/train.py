@@ -65,8 +65,10 @@ def sft_arguments(training: TrainingConfig, model: ModelConfig, output_dir: Path
         # under DDP.
         gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
         optim=training.optim,
-        max_length=training.max_length,
+        # Rows over max_length were dropped by format_chat; padding-free batches require that TRL leaves them as is.
+        max_length=None if training.padding_free and not training.packing else training.max_length,
         packing=training.packing,
+        padding_free=training.padding_free,
         logging_steps=training.logging_steps,
         save_strategy="steps",
         save_steps=training.save_steps,

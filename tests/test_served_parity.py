@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from flows.finetune import finetune
 from loraflow.config import load_config
-from loraflow.evaluation.served_parity import DETAIL_TAG, PARITY_TAG, check_served_parity
+from loraflow.evaluation.served_parity import DETAIL_TAG, PARITY_TAG, check_served_parity, compare
 from loraflow.registry.client import client_at
 from loraflow.results import RegisteredVersion
 from loraflow.serving.names import versioned_name
@@ -88,4 +88,18 @@ def test_a_different_adapter_under_the_versions_name_is_flagged(served_run: dict
     tags = _client(served_run).get_model_version(MODEL, served_run["version"]).tags
     assert tags[PARITY_TAG] == "failed"
     assert all(f"{m.metric}: served {m.served:.4f} vs registered {m.registered:.4f}" in tags[DETAIL_TAG] for m in out)
-    assert _client(served_run).get_run(served_run["run_id"]).data.tags[PARITY_TAG] == "failed"
+    run = _client(served_run).get_run(served_run["run_id"])
+    assert run.data.tags[PARITY_TAG] == "failed"
+    # The run shows the latest check's numbers.
+    assert all(run.data.metrics[f"served/{m.metric}"] == m.served for m in report.metrics)
+
+
+def test_tolerance_is_per_task_from_its_standard_errors() -> None:
+    served = {"copa/acc": 0.60, "copa/acc_stderr": 0.05, "copa/f1": 0.58, "boolq/acc": 0.5}
+    registered = {"tuned/copa/acc": 0.65, "tuned/copa/acc_stderr": 0.06, "tuned/copa/f1": 0.70,
+                  "tuned/boolq/acc": 0.5, "tuned/perplexity": 7.0}
+    checks = {c.metric: c for c in compare(served, registered, stderr_multiple=1.0)}
+    assert set(checks) == {"copa/acc", "copa/f1", "boolq/acc"}
+    assert checks["copa/acc"].tolerance == checks["copa/f1"].tolerance == 0.06  # f1 has no stderr of its own
+    assert checks["copa/acc"].within and not checks["copa/f1"].within
+    assert checks["boolq/acc"].tolerance == 0.0 and checks["boolq/acc"].within  # equal: within even at zero

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,15 +73,20 @@ def parity_key(job: JobConfig) -> str:
 
 
 def compare(served: dict[str, float], registered: dict[str, float], stderr_multiple: float) -> list[MetricParity]:
-    """Each served `<task>/<metric>` that was also registered as `tuned/...`; the tolerance is `stderr_multiple`
-    times the larger of the two standard errors (a `limit` makes the served one the larger)."""
+    """Each served `<task>/<metric>` that was also registered as `tuned/...`. The tolerance is per task:
+    `stderr_multiple` times the largest standard error of the task's metrics, served or registered (lm-eval gives
+    none for f1; a `limit` makes the served ones the larger)."""
+    task_stderr: dict[str, float] = {}
+    for name, value in [*served.items(), *((k.removeprefix(f"{TUNED}/"), v) for k, v in registered.items())]:
+        if name.endswith("_stderr"):
+            task = name.split("/", 1)[0]
+            task_stderr[task] = max(task_stderr.get(task, 0.0), value)
     compared = []
     for name, value in sorted(served.items()):
         if name.endswith("_stderr") or f"{TUNED}/{name}" not in registered:
             continue
-        errors = [served.get(f"{name}_stderr", 0.0), registered.get(f"{TUNED}/{name}_stderr", 0.0)]
         compared.append(MetricParity(metric=name, served=value, registered=registered[f"{TUNED}/{name}"],
-                                     tolerance=stderr_multiple * max(errors)))
+                                     tolerance=stderr_multiple * task_stderr.get(name.split("/", 1)[0], 0.0)))
     return compared
 
 
@@ -122,7 +128,8 @@ def check_served_parity(job: JobConfig, version: RegisteredVersion, router_url: 
     with tempfile.TemporaryDirectory() as scratch:
         run = benchmarks.run_lm(lm, bench.model_copy(update={"limit": limit}), Path(scratch), SERVED)
         client.log_artifact(version.run_id, run.results_file, "eval/served")
-    metrics = [Metric(f"{SERVED}/{name}", value, 0, 0) for name, value in run.metrics.items()]
+    now_ms = int(time.time() * 1000)  # the latest check is the one the run shows
+    metrics = [Metric(f"{SERVED}/{name}", value, now_ms, 0) for name, value in run.metrics.items()]
     client.log_batch(version.run_id, metrics=metrics)
 
     registered = client.get_run(version.run_id).data.metrics

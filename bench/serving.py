@@ -1,20 +1,22 @@
 """Serving throughput on tiny-ko, measured in one run:
 
-* vLLM: base vs base + LoRA adapter vs the merged model (tokens/s, 32 concurrent chat requests, fixed output
-  length), i.e. the LoRA overhead and what merging buys back;
+* vLLM: base (a server without LoRA, what a user would serve instead) vs base + LoRA adapter with the shipped
+  serving settings vs the same with vLLM's LoRA levers changed vs the merged model (tokens/s, 32 concurrent chat
+  requests, fixed output length): the LoRA overhead, what the levers and merging buy back;
 * vLLM vs transformers `generate` (one batch of the same 32 prompts, greedy, same output length), for base and
   for base + adapter (PEFT).
 
-    LORAFLOW_HOME=... .venv/bin/python bench/serving.py [--adapter DIR] [--tokens 64] [--readme FILE]
+    LORAFLOW_HOME=... .venv/bin/python bench/serving.py [--adapter DIR] [--tokens 64] [--json FILE] [--readme FILE]
 
 Without --adapter a random r=16 all-linear adapter is made on the tiny base (throughput does not depend on
-the adapter learned). Both servers run with dtype float32 on CPU, one after the other.
+the adapter learned). Every server runs with dtype float32 on CPU, one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import platform
 import sys
 import tempfile
@@ -66,12 +68,13 @@ async def _burst(url: str, model: str, tokens: int) -> float:
 
 
 def served_throughput(
-    model_dir: str, models: dict[str, str | None], tokens: int, state: Path, enable_lora: bool, rank: int
+    model_dir: str, models: dict[str, str | None], tokens: int, state: Path, rank: int | None,
+    serving: dict[str, object] | None = None,
 ) -> dict[str, float]:
-    """tokens/s per label; `models` maps label -> adapter dir (None = the base itself)."""
-    job = load_config(
-        ROOT / "configs" / "tiny-ko.yaml", {"serving.vllm_port": free_port(), "serving.max_model_len": 512}
-    )
+    """tokens/s per label; `models` maps label -> adapter dir (None = the base itself); `rank` None: no LoRA;
+    `serving`: overrides of the shipped serving section (the levers)."""
+    overrides = {"vllm_port": free_port(), "max_model_len": 512, **(serving or {})}
+    job = load_config(ROOT / "configs" / "tiny-ko.yaml", {f"serving.{k}": v for k, v in overrides.items()})
     state.mkdir(parents=True, exist_ok=True)
     template = state / "chat_template.jinja"
     template.write_text(load_template("qwen2.5"))
@@ -81,8 +84,8 @@ def served_throughput(
         served_base_name="bench-base",
         chat_template=template,
         dtype="float32",
-        max_lora_rank=rank,
-        enable_lora=enable_lora,
+        max_lora_rank=rank or 0,
+        enable_lora=rank is not None,
     )
     server = vllm_process(job.serving, launch, state).start()
     url = f"http://127.0.0.1:{job.serving.vllm_port}"
@@ -123,10 +126,16 @@ def generate_throughput(model: torch.nn.Module, tokenizer, tokens: int) -> float
     return (out.shape[1] - batch["input_ids"].shape[1]) * len(PROMPTS) / elapsed
 
 
+# vLLM's LoRA levers, each measured against the shipped settings (configs/tiny-ko.yaml): the batch of LoRA slots
+# only as large as the aliases served at once (champion + challenger), and as small as one.
+LEVERS = {"max_loras=2": {"max_loras": 2}, "max_loras=1": {"max_loras": 1}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, default=None)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument(
         "--readme", type=Path, default=None, help="write the figures into this README's Serving section"
     )
@@ -144,20 +153,18 @@ def main() -> int:
             work / "merge",
         )
         r = adapter_rank(adapter)
-        rank = vllm_lora_rank([r])
-        served = served_throughput(
-            str(base_dir),
-            {"base": None, "adapter": str(adapter)},
-            args.tokens,
-            work / "lora-server",
-            True,
-            rank,
-        )
-        served |= {
-            "merged": served_throughput(
-                merged.merged_dir, {"merged": None}, args.tokens, work / "merged-server", False, rank
-            )["merged"]
-        }
+        rank = vllm_lora_rank([r])  # exactly the adapter's rank, as loraflow serves it
+        both = {"base": None, "adapter": str(adapter)}
+        served = served_throughput(str(base_dir), {"base": None}, args.tokens, work / "base", None)
+        lora_server = served_throughput(str(base_dir), both, args.tokens, work / "lora", rank)
+        served |= {"base on the LoRA server": lora_server["base"], "adapter": lora_server["adapter"]}
+        for lever, serving in LEVERS.items():
+            served[f"adapter, {lever}"] = served_throughput(
+                str(base_dir), {"adapter": str(adapter)}, args.tokens, work / lever, rank, serving
+            )["adapter"]
+        served["merged"] = served_throughput(merged.merged_dir, {"merged": None}, args.tokens, work / "merged", None)[
+            "merged"
+        ]
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
         tokenizer = AutoTokenizer.from_pretrained(str(adapter))
@@ -167,24 +174,32 @@ def main() -> int:
         hf["adapter"] = generate_throughput(tuned, tokenizer, args.tokens)
         print(f"measured (tokens/s): vLLM {served}, transformers generate {hf}", flush=True)
 
+    base = served["base"]
+    figures = {f"serving.vllm_tokens_s.{label}": round(value, 1) for label, value in served.items()}
+    figures |= {
+        "serving.lora_vs_base": round(served["adapter"] / base, 4),
+        "serving.merged_vs_base": round(served["merged"] / base, 4),
+        **{f"serving.lora_vs_base.{lever}": round(served[f"adapter, {lever}"] / base, 4) for lever in LEVERS},
+    }
+    rows = [
+        f"| {label} | {value:.0f} | {value / base:.2f}x | {hf[label]:.0f} | {value / hf[label]:.2f}x |"
+        if label in hf
+        else f"| {label} | {value:.0f} | {value / base:.2f}x | - | - |"
+        for label, value in served.items()
+    ]
     lines = [
         f"tiny-ko (fp32, {platform.machine()} CPU, {torch.get_num_threads()} torch threads), "
-        f"{CONCURRENCY} concurrent chat requests x {args.tokens} output tokens, "
-        f"adapter r={r}",
+        f"{CONCURRENCY} concurrent chat requests x {args.tokens} output tokens, adapter r={r} "
+        f"(served with --max-lora-rank {rank}); shipped serving settings unless the row names a lever",
         "",
-        "| variant | vLLM tokens/s | transformers generate tokens/s | vLLM / generate |",
-        "|---|---|---|---|",
-        f"| base | {served['base']:.0f} | {hf['base']:.0f} | {served['base'] / hf['base']:.2f}x |",
-        f"| base + LoRA adapter | {served['adapter']:.0f} | {hf['adapter']:.0f} | "
-        f"{served['adapter'] / hf['adapter']:.2f}x |",
-        f"| merged | {served['merged']:.0f} | - | - |",
-        "",
-        f"- LoRA adapter vs base on vLLM: {served['adapter'] / served['base']:.2f}x throughput",
-        f"- merged vs LoRA adapter on vLLM: {served['merged'] / served['adapter']:.2f}x throughput",
-        f"- merged vs base on vLLM: {served['merged'] / served['base']:.2f}x throughput",
+        "| variant | vLLM tokens/s | vs base | transformers generate tokens/s | vLLM / generate |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
     ]
     report = "\n".join(lines)
     print(report)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if args.readme is not None:
         write_section(args.readme, "Serving", report + "\n\nReproduce: `.venv/bin/python bench/serving.py`.")
     return 0

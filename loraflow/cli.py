@@ -44,11 +44,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def run(config: str, overrides: list[str]) -> int:
     """The finetune flow in this process (Prefect's temporary server unless PREFECT_API_URL or a profile says
     otherwise); leaves vLLM + router running when the config serves (`loraflow down` stops them)."""
+    from loraflow.localstack.temporary_server import start_temporary_server_early
+
+    server_ready = start_temporary_server_early()
     from flows.finetune import finetune, validated_job
     from loraflow.evaluation.comparison import comparison_table
 
     parsed = parse_overrides(overrides)
-    validated_job(config, parsed)  # fail before Prefect starts, with the field path
+    validated_job(config, parsed)  # fail before the flow run starts, with the field path
+    server_ready()
     summary = finetune(config=config, overrides=parsed or None)
     reused = "new" if summary["new_version"] else "unchanged inputs: existing version reused"
     print(f"\nregistered model {summary['model_name']!r} version {summary['version']} ({reused})")
@@ -86,10 +90,14 @@ def _stack():
     return Stack.from_env()
 
 
-def up() -> int:
+def up(registry: str | None, auth: str | None) -> int:
     from loraflow.localstack.lifecycle import describe
     from loraflow.localstack.lifecycle import up as start
+    from loraflow.localstack.postgres import REGISTRY_ENV
+    from loraflow.localstack.stack import AUTH_ENV
 
+    # Remembered by `up` for this LORAFLOW_HOME: later commands need not repeat them (docs/registry.md).
+    os.environ.update({name: value for name, value in ((REGISTRY_ENV, registry), (AUTH_ENV, auth)) if value})
     stack = _stack()
     for name, seconds in start(stack).items():
         print(f"{name}: ready in {seconds:.1f} s")
@@ -193,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("serve", serve, "make vLLM serve the registry's aliases now (or --stop the job's servers)")
     config_arg(sub)
     sub.add_argument("--stop", action="store_true")
-    command("up", up, "start the local stack (Prefect server, worker, MLflow server) and deploy")
+    sub = command("up", up, "start the local stack (Prefect server, worker, MLflow server) and deploy")
+    sub.add_argument("--registry", choices=["sqlite", "postgres"], default=None,
+                     help="the MLflow server's store (default: what this LORAFLOW_HOME used before, else sqlite)")
+    sub.add_argument("--auth", choices=["none", "basic"], default=None,
+                     help="basic: MLflow's basic-auth app; aliases move only with EDIT on the model")
     command("down", down, "stop everything the local stack and its flows started")
     command("status", status, "what runs, where, and for which LORAFLOW_HOME")
     config_arg(command("demo", demo, "up, run finetune/tiny-ko through Prefect, then ask the champion"))

@@ -14,7 +14,7 @@ from loraflow.config.evaluation import EvalConfig
 from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.serving import MergeConfig
-from loraflow.config.training import TrainingConfig
+from loraflow.config.training import TrainingConfig, accelerate_config_path
 from loraflow.data.sources import SourceFingerprint, pinned_data, pinned_model, source_fingerprint
 from loraflow.hashing import code_sha, sha_of
 from loraflow.results import ChatResult, DatasetResult, TrainResult
@@ -46,8 +46,10 @@ def chat_key(dataset: DatasetResult, model: ModelConfig, training: TrainingConfi
 
 def train_key(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
               training: TrainingConfig) -> str:
-    code = code_sha("loraflow.training.train", *MODEL_CODE)
-    return sha_of(chat.key, pinned_model(model), lora, quant, training, code)[:16]
+    code = code_sha("loraflow.training.train", "loraflow.training.distributed", "loraflow.training.worker", *MODEL_CODE)
+    # The accelerate config's content, not only its name: editing configs/accelerate/fsdp_qlora.yaml retrains.
+    launch = accelerate_config_path(training.accelerate_config).read_text() if training.accelerate_config else None
+    return sha_of(chat.key, pinned_model(model), lora, quant, training, code, launch)[:16]
 
 
 def eval_key(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: QuantizationConfig,

@@ -11,8 +11,9 @@ from tasks.prefect_glue import artifact_key, prefect_run_tags, publish_mlflow_ru
 
 
 # Not cached by Prefect: registration is idempotent on the registry side (same adapter + metrics = same version).
-# Retries cover a tracking server that is briefly unreachable.
-@task(name="register", retries=2, retry_delay_seconds=10)
+# Retries cover a tracking server that is unreachable for a while: the last one comes 100 s after the first failure,
+# past an MLflow restart on a busy machine (10-30 s measured) even when MLflow's own request retries are exhausted.
+@task(name="register", retries=3, retry_delay_seconds=[10, 30, 60])
 def register(job: JobConfig, config_path: str, dataset: DatasetResult, chat: ChatResult, trained: TrainResult,
              evaluated: EvalResult) -> RegisteredVersion:
     version = plain.register_adapter(job, config_path, dataset, chat, trained, evaluated,

@@ -124,3 +124,35 @@ def test_served_parity_scores_the_pinned_base_tokens_through_the_router(qwen: Jo
     assert args["max_length"] == 4096 and args["header"] == {"Authorization": "Bearer k"}
     assert pinned.serving.parity.enabled and pinned.serving.parity.limit is None
     assert set(pinned.eval.benchmarks.tasks) >= {"kobest_boolq", "kobest_copa"}
+
+
+def test_fsdp_qlora_on_several_gpus_stores_4bit_weights_in_bf16(bf16_gpu: None, tmp_path: Path) -> None:
+    """qwen-ko with configs/accelerate/fsdp_qlora.yaml: what the workers would load and train with, and the FSDP
+    settings accelerate's own launcher derives from the file (its plugin itself needs a GPU to be built)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from loraflow.training.distributed import launch_command, uses_fsdp
+    from loraflow.training.models import fsdp_dtype
+
+    job = load_config("configs/qwen-ko.yaml", {"training.num_processes": 2,
+                                               "training.accelerate_config": "fsdp_qlora.yaml"})
+    assert uses_fsdp(job.training)
+    bnb = bnb_config(job.quantization, "cuda", fsdp=True)
+    assert bnb.bnb_4bit_quant_storage == bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    assert fsdp_dtype(job.model, job.quantization, "cuda") == torch.bfloat16  # the base loads in its storage dtype
+    assert bnb_config(job.quantization, "cuda").bnb_4bit_quant_storage == torch.uint8  # DDP / one process
+    args = sft_arguments(job.training, job.model, tmp_path)
+    assert args["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert (args["ddp_find_unused_parameters"], args["bf16"]) == (False, True)
+
+    command = launch_command(job.training, "cuda", tmp_path / "inputs.json")
+    assert command[command.index("--num_processes") + 1] == "2" and "--multi_gpu" not in command
+    assert command[-3:] == ["-m", "loraflow.training.worker", str(tmp_path / "inputs.json")]
+    launch_args, _, _ = _validate_launch_command(launch_command_parser().parse_args(command[3:]))
+    env = prepare_multi_gpu_env(launch_args)
+    assert (env["ACCELERATE_USE_FSDP"], env["ACCELERATE_MIXED_PRECISION"]) == ("true", "bf16")
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD" and env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
+    assert (env["FSDP_CPU_RAM_EFFICIENT_LOADING"], env["FSDP_SYNC_MODULE_STATES"]) == ("true", "true")
+    assert (env["FSDP_USE_ORIG_PARAMS"], env["FSDP_OFFLOAD_PARAMS"]) == ("false", "false")

@@ -1,8 +1,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from loraflow.results import TrainResult
 from loraflow.training.live_metrics import RUN_FILE, Tracking
 from loraflow.training.models import load_base_model
 from loraflow.training.train import train_adapter
-from tests.fixtures import TINY_CONFIG
+from tests.fixtures import TINY_CONFIG, train_in_child
 
 
 def test_qlora_training_lowers_loss_and_saves_a_small_adapter(trained):
@@ -51,21 +49,6 @@ def test_base_is_loaded_in_4bit_with_the_cpu_repack_disabled(tiny_base_dir):
 
 RESUME_OVERRIDES = {"training.max_steps": 40, "training.save_steps": 4, "training.logging_steps": 1}
 
-TRAIN_IN_CHILD = """
-import sys
-from loraflow.config import load_config
-from loraflow.results import ChatResult, TrainResult
-from loraflow.outputs import run_step
-from loraflow.keys import train_key
-from loraflow.training.live_metrics import Tracking
-from loraflow.training.train import train_adapter
-chat = ChatResult.model_validate_json(open(sys.argv[1]).read())
-job = load_config(sys.argv[2], {overrides!r})
-key = train_key(chat, job.model, job.lora, job.quantization, job.training)
-tracking = Tracking(uri=sys.argv[3], experiment="live", run_name="live")
-run_step("train", key, TrainResult,
-         lambda out: train_adapter(chat, job.model, job.lora, job.quantization, job.training, out, key, tracking))
-"""
 
 
 def test_training_killed_mid_run_resumes_from_its_last_checkpoint(step_results, tmp_path):
@@ -76,20 +59,7 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(step_results, 
     job = load_config(TINY_CONFIG, RESUME_OVERRIDES)
     key = train_key(chat, job.model, job.lora, job.quantization, job.training)
     checkpoints = step_dir("train", key) / "checkpoints"
-    chat_file = tmp_path / "chat.json"
-    chat_file.write_text(chat.model_dump_json())
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            TRAIN_IN_CHILD.format(overrides=RESUME_OVERRIDES),
-            str(chat_file),
-            TINY_CONFIG,
-            tracking.uri,
-        ],
-        env=os.environ.copy(),
-        start_new_session=True,
-    )
+    child = train_in_child(chat, RESUME_OVERRIDES, tracking.uri, tmp_path)
     deadline = time.monotonic() + 300
     while not (checkpoints / "checkpoint-8" / "trainer_state.json").is_file():
         assert child.poll() is None, "training process ended before it could be killed"

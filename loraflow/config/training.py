@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, field_validator
 
 from loraflow.config.base import Section
+
+# accelerate's own config files (DDP, FSDP-QLoRA) ship with the repo; a job names one by its file name.
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+
+
+def accelerate_config_path(name: str) -> Path:
+    """`ddp.yaml` -> configs/accelerate/ddp.yaml; an absolute path stays as it is."""
+    return ACCELERATE_CONFIGS / name
 
 
 class TrainingConfig(Section):
@@ -31,3 +41,14 @@ class TrainingConfig(Section):
     # (sdpa/eager) or passes the boundaries to flash-attention kernels, so no conversation sees another
     # (tests/test_train.py checks the loss equals the padded batch's). bench/training.py measures the gain.
     padding_free: bool = True
+    # More than one process: `accelerate launch` starts that many workers (DDP over gloo on CPU, NCCL on GPUs, or
+    # FSDP per `accelerate_config`); docs/distributed-training.md. 1 trains in this process.
+    num_processes: int = Field(default=1, ge=1)
+    accelerate_config: str | None = None
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _accelerate_config_exists(cls, name: str | None) -> str | None:
+        if name is not None and not accelerate_config_path(name).is_file():
+            raise ValueError(f"{name!r} is not a file in {ACCELERATE_CONFIGS} (nor an absolute path to one)")
+        return name

@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 
 from loraflow.config import load_config
-from loraflow.localstack import profile, schedules
+from loraflow.localstack import postgres, profile, schedules
+from loraflow.localstack.mlflow_auth import PASSWORD_ENV, USERNAME_ENV
 from loraflow.localstack.prefect_api import ensure_pool_and_limits, worker_online
 from loraflow.localstack.stack import HOST, PREFECT_FILE, REPO_ROOT, Stack, StackError
 from loraflow.localstack.webhook import EVENTS, WEBHOOK_PATH
@@ -37,7 +38,8 @@ from loraflow.serving.records import running_endpoint, running_servers, stop_all
 
 # MLflow needs ~25 s to become healthy on an idle machine; give a loaded 2-core machine room.
 HEALTH_TIMEOUT_S = 180.0
-SERVICE_ORDER = ("prefect-server", "mlflow-server", "webhook", "worker")  # start order; `down` stops in reverse
+# Start order; `down` stops in reverse. postgres runs only when the registry is on the stack's own PostgreSQL.
+SERVICE_ORDER = ("postgres", "prefect-server", "mlflow-server", "webhook", "worker")
 WEBHOOK_NAME = "loraflow-serving"
 
 
@@ -46,16 +48,29 @@ def recorded_process(stack: Stack, name: str) -> psutil.Process | None:
     return recorded(read_record(stack.record_file(name)))
 
 
-def _start(stack: Stack, name: str) -> ManagedProcess:
+def start_service(stack: Stack, name: str) -> ManagedProcess:
     service = stack.service(name)
     if service.port is not None and port_in_use(HOST, service.port):
         raise StackError(f"{name}: port {HOST}:{service.port} is taken by {port_holder(service.port)}, which this "
                          "stack did not start; stop it or choose another port (LORAFLOW_PREFECT_PORT / "
-                         "LORAFLOW_MLFLOW_PORT)")
+                         "LORAFLOW_MLFLOW_PORT / LORAFLOW_WEBHOOK_PORT / LORAFLOW_POSTGRES_PORT)")
     started = ManagedProcess(name, service.argv, service.env, stack.log_file(name), service.health_url,
                              cwd=REPO_ROOT).start()
     write_record(stack.record_file(name), started.record(home=str(stack.home)))
     return started
+
+
+def start_postgres(stack: Stack) -> dict[str, float]:
+    """The stack's own PostgreSQL, when its registry is there and it is not running: initdb the first time, start,
+    create the `mlflow` database. Returns seconds to ready ({} when nothing was started)."""
+    local = stack.local_postgres
+    if local is None or recorded_process(stack, "postgres") is not None:
+        return {}
+    started = time.monotonic()
+    local.initialise()
+    start_service(stack, "postgres").wait_healthy(60.0, check=local.ready)
+    local.ensure_database()
+    return {"postgres": time.monotonic() - started}
 
 
 def gpu_present() -> bool:
@@ -118,9 +133,14 @@ def up(stack: Stack, prefect_file: Path | None = PREFECT_FILE) -> dict[str, floa
     the schedule decisions are logged to run/schedules.log."""
     for sub in ("prefect", "mlflow"):
         (stack.home / sub).mkdir(parents=True, exist_ok=True)
+    postgres.remember_setting(stack.home, "backend", stack.registry)
+    postgres.remember_setting(stack.home, "auth", "basic" if stack.basic_auth else "none")
+    # This process registers the webhook: with basic auth, as the stack's own MLflow user.
+    os.environ.update({k: v for k, v in stack.client_env().items() if k in (USERNAME_ENV, PASSWORD_ENV)})
     timings: dict[str, float] = {}
     try:
-        servers = {name: (_start(stack, name), time.monotonic())
+        timings.update(start_postgres(stack))
+        servers = {name: (start_service(stack, name), time.monotonic())
                    for name in ("prefect-server", "mlflow-server") if recorded_process(stack, name) is None}
         for name, (process, started) in servers.items():
             process.wait_healthy(HEALTH_TIMEOUT_S)
@@ -131,12 +151,13 @@ def up(stack: Stack, prefect_file: Path | None = PREFECT_FILE) -> dict[str, floa
         ensure_pool_and_limits(stack.prefect_api_url)
         if recorded_process(stack, "webhook") is None:
             started = time.monotonic()
-            _start(stack, "webhook").wait_healthy(60.0)
+            start_service(stack, "webhook").wait_healthy(60.0)
             timings["webhook"] = time.monotonic() - started
         register_webhook(stack)
         if recorded_process(stack, "worker") is None:
             started, since = time.monotonic(), datetime.now(UTC)
-            _start(stack, "worker").wait_healthy(120.0, check=lambda: worker_online(stack.prefect_api_url, since))
+            worker = start_service(stack, "worker")
+            worker.wait_healthy(120.0, check=lambda: worker_online(stack.prefect_api_url, since))
             timings["worker"] = time.monotonic() - started
     except ProcessFailed as error:
         raise StackError(str(error)) from None
@@ -161,8 +182,9 @@ def down(stack: Stack) -> list[int]:
 
 
 def status(stack: Stack) -> dict[str, int | None]:
-    """PID of each recorded live service, None where it is not running."""
-    return {name: (process.pid if (process := recorded_process(stack, name)) else None) for name in SERVICE_ORDER}
+    """PID of each recorded live service, None where it is not running (postgres only where the stack has it)."""
+    names = [name for name in SERVICE_ORDER if name != "postgres" or stack.local_postgres is not None]
+    return {name: (process.pid if (process := recorded_process(stack, name)) else None) for name in names}
 
 
 def describe(stack: Stack) -> str:
@@ -174,7 +196,8 @@ def describe(stack: Stack) -> str:
         "",
         f"Prefect UI   {stack.prefect_ui_url}",
         f"Prefect API  {stack.prefect_api_url}   (profile {profile.PROFILE!r}: {profile.state()})",
-        f"MLflow UI    {stack.mlflow_url}",
+        f"MLflow UI    {stack.mlflow_url}" + ("   (basic auth)" if stack.basic_auth else ""),
+        f"registry     {postgres.describe_store(*stack.mlflow_store())}",
         f"logs         {stack.log_dir}",
     ]
     return "\n".join(lines)

@@ -3,7 +3,8 @@ ports, URLs, command lines and the environment a client needs to reach them (`lo
 loraflow/localstack/lifecycle.py).
 
 State (Prefect's and MLflow's SQLite databases, MLflow artifacts, logs, process records) lives under
-LORAFLOW_HOME, so stopping and starting again keeps schedules, runs and the model registry.
+LORAFLOW_HOME, so stopping and starting again keeps schedules, runs and the model registry. The registry may live in
+PostgreSQL instead, with basic auth in front of it (loraflow/localstack/postgres.py, mlflow_auth.py).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from cryptography.fernet import Fernet
 
 from loraflow import paths
 from loraflow.errors import LoraflowError
+from loraflow.localstack import mlflow_auth, postgres
 from loraflow.localstack.prefect_api import POOL, WORKER_NAME
 from loraflow.localstack.webhook import SECRET_ENV
 
 HOST = "127.0.0.1"
+AUTH_ENV, AUTH_MODES = "LORAFLOW_MLFLOW_AUTH", ("none", "basic")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
 
@@ -49,16 +52,30 @@ class Stack:
     # How often the worker asks for due runs: the bulk of the delay from `deployment run` to flow start.
     worker_poll_seconds: float = 2.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    registry: str = postgres.SQLITE  # the MLflow server's backend store: sqlite or postgres (postgres.py)
+    postgres_port: int = 5433  # the stack's own PostgreSQL (not 5432: a system PostgreSQL often holds it)
+    basic_auth: bool = False  # `mlflow server --app-name basic-auth` (mlflow_auth.py)
 
     @classmethod
     def from_env(cls) -> Stack:
+        home = paths.home()
         return cls(
-            home=paths.home(),
+            home=home,
             prefect_port=int(os.environ.get("LORAFLOW_PREFECT_PORT", "4200")),
             mlflow_port=int(os.environ.get("LORAFLOW_MLFLOW_PORT", "5000")),
             webhook_port=int(os.environ.get("LORAFLOW_WEBHOOK_PORT", "5050")),
             worker_poll_seconds=float(os.environ.get("LORAFLOW_WORKER_POLL_SECONDS", "2")),
+            registry=postgres.choose_backend(home),
+            postgres_port=int(os.environ.get("LORAFLOW_POSTGRES_PORT", "5433")),
+            basic_auth=postgres.remembered_setting(home, "auth", AUTH_ENV, AUTH_MODES, "none") == "basic",
         )
+
+    @property
+    def local_postgres(self) -> postgres.LocalPostgres | None:
+        """The stack's own PostgreSQL cluster; None when the registry is SQLite or a team's server."""
+        if self.registry != postgres.POSTGRES or postgres.external_uri() is not None:
+            return None
+        return postgres.local_postgres(self.home, self.postgres_port, self.secret)
 
     @property
     def prefect_ui_url(self) -> str:
@@ -106,6 +123,7 @@ class Stack:
             "PREFECT_UI_URL": self.prefect_ui_url,
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "DO_NOT_TRACK": "true",
+            **(mlflow_auth.client_credentials(self.secret) if self.basic_auth else {}),
             **self.extra_env,
         }
 
@@ -113,6 +131,7 @@ class Stack:
         python = sys.executable
         env = {**os.environ, **self.client_env()}
         mlflow_dir = self.home / "mlflow"
+        store_argv, store_env = self.mlflow_store()
         prefect_db = self.home / "prefect" / "prefect.db"
         prefect_server = Service(
             name="prefect-server",
@@ -148,15 +167,13 @@ class Stack:
                 str(self.mlflow_port),
                 "--workers",
                 "1",
-                # Same store as the embedded default (loraflow.paths), so both modes share one registry.
-                "--backend-store-uri",
-                f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(mlflow_dir / "artifacts"),
-                "--serve-artifacts",
+                *store_argv,
+                *(["--app-name", "basic-auth"] if self.basic_auth else []),
             ],
             env={
                 **env,
+                **store_env,
+                **(mlflow_auth.server_env(mlflow_dir, self.secret) if self.basic_auth else {}),
                 # Server-side jobs (GenAI scorers, trace rollups) add 8 processes; this stack has no use for them.
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                 # Webhooks to the receiver on 127.0.0.1 over http, with a stable key for the secrets MLflow stores;
@@ -197,7 +214,13 @@ class Stack:
             port=self.webhook_port,
             health_url=f"{self.webhook_url}/health",
         )
-        return [prefect_server, mlflow_server, receiver, worker]
+        local = self.local_postgres
+        database = [Service(name="postgres", argv=local.argv(), env=dict(os.environ), port=self.postgres_port,
+                            health_url=None)] if local else []
+        return [*database, prefect_server, mlflow_server, receiver, worker]
+
+    def mlflow_store(self) -> tuple[list[str], dict[str, str]]:
+        return postgres.mlflow_store(self.registry, self.home, self.local_postgres)
 
     def webhook_secret(self) -> str:
         return self.secret(SECRET_ENV, lambda: secrets.token_urlsafe(32))

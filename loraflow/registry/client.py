@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from loraflow import paths
 from loraflow.config.registry import RegistryConfig
@@ -37,4 +38,9 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     if client.tracking_uri.startswith("sqlite:"):
         # An embedded store keeps artifacts beside it under LORAFLOW_HOME, not in ./mlruns.
         location = (paths.default_artifact_root() / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as error:  # another training created it a moment ago (a shared registry)
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id

@@ -1,7 +1,9 @@
 """register: one MLflow run per training (params, config, loss curve, metrics, artifacts) and the adapter
 directory registered as a new version of the job's registered model, tagged with its lineage.
 
-Idempotent: a version carrying the same `loraflow.run_key` is reused, so a cached rerun registers nothing new.
+Idempotent: a version carrying the same `loraflow.run_key` is reused, so a cached rerun registers nothing new, and
+a retry after a partial success (MLflow restarted mid-way) registers the adapter once. Several trainings may register
+versions of one model at once (a shared PostgreSQL registry): MLflow numbers them, and the model is created once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 
 import loraflow
 from loraflow.config.job import JobConfig
@@ -81,11 +85,36 @@ def loss_curve(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def find_version(client: MlflowClient, model_name: str, run_key: str):
+    """The version registered for this run key, if any. An unreachable registry raises: "not found" would register
+    the adapter a second time once it answers again."""
+    versions = client.search_model_versions(f"name='{model_name}' and tags.`{RUN_KEY_TAG}`='{run_key}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def ensure_registered_model(client: MlflowClient, name: str, description: str) -> None:
+    """Create the registered model unless it exists; another training may create it at the same moment."""
     try:
-        versions = client.search_model_versions(f"name='{model_name}' and tags.`{RUN_KEY_TAG}`='{run_key}'")
-    except Exception:
-        return None
-    return versions[0] if versions else None
+        client.create_registered_model(name, description=description)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def first_version(client: MlflowClient, name: str, run_key: str, created: ModelVersion) -> ModelVersion:
+    """The version that holds this run key: the lowest. MLflow's client retries every request, POSTs included, so a
+    create whose answer was lost (the server died after committing it) is sent again and makes a second version of
+    the same adapter; any such later version is deleted."""
+    found = {int(v.version): v for v in [created, *client.search_model_versions(
+        f"name='{name}' and tags.`{RUN_KEY_TAG}`='{run_key}'")]}
+    first, *duplicates = sorted(found)
+    for number in duplicates:
+        log.warning("register: %s version %s duplicates version %s (a retried request): deleted", name, number, first)
+        try:
+            client.delete_model_version(name, str(number))
+        except MlflowException as error:  # the same adapter registered at once elsewhere deleted it first
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+    return found[first]
 
 
 def register_adapter(
@@ -168,10 +197,11 @@ def register_adapter(
             client.log_artifact(run_id, file, "eval")
         client.log_artifacts(run_id, trained.adapter_dir, "adapter")
         if name not in {m.name for m in client.search_registered_models(f"name='{name}'")}:
-            client.create_registered_model(name, description=f"LoRA adapters of job {job.name} on {job.model.base}")
+            ensure_registered_model(client, name, f"LoRA adapters of job {job.name} on {job.model.base}")
         source = f"{run.info.artifact_uri}/adapter"
         version = client.create_model_version(name, source=source, run_id=run_id, tags=lineage,
                                               description=_describe(evaluated.metrics))
+        version = first_version(client, name, run_key, version)
         client.set_terminated(run_id, "FINISHED")
     except Exception:
         client.set_terminated(run_id, "FAILED")

@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from loraflow.registry.client import client_at, ensure_experiment
 
 RUN_FILE = "mlflow_run.json"
+WORLD_SIZE_TAG = "train.world_size"
 SYSTEM_SAMPLING_S = 3  # short trainings still get a few samples; MLflow aggregates nothing over them
 
 
@@ -36,16 +37,20 @@ class Tracking:
     run_name: str
 
 
-def training_run(tracking: Tracking, out_dir: Path) -> str:
-    """The run of the training in `out_dir`: the one it started before a crash, else a new one."""
+def training_run(tracking: Tracking, out_dir: Path, world_size: int) -> str:
+    """The run of the training in `out_dir`: the one it started before a crash, else a new one. It carries the
+    number of training processes as the tag `train.world_size` (only rank 0 calls this)."""
     file = out_dir / RUN_FILE
-    if file.is_file():
-        return json.loads(file.read_text())["run_id"]
     client = client_at(tracking.uri)
-    run = client.create_run(ensure_experiment(client, tracking.experiment),
-                            tags={"mlflow.runName": tracking.run_name, "loraflow.stage": "training"})
-    file.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": tracking.uri}))
-    return run.info.run_id
+    if file.is_file():
+        run_id = json.loads(file.read_text())["run_id"]
+    else:
+        run = client.create_run(ensure_experiment(client, tracking.experiment),
+                                tags={"mlflow.runName": tracking.run_name, "loraflow.stage": "training"})
+        run_id = run.info.run_id
+        file.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking.uri}))
+    client.set_tag(run_id, WORLD_SIZE_TAG, str(world_size))
+    return run_id
 
 
 class LiveMetrics(TrainerCallback):

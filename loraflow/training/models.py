@@ -7,6 +7,7 @@ of `ModelConfig` / `QuantizationConfig`.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
@@ -40,15 +41,34 @@ def dtype_for(name: str, device: str) -> torch.dtype:
     return torch.float32 if name == "auto" else DTYPES[name]
 
 
-def bnb_config(quant: QuantizationConfig, device: str) -> BitsAndBytesConfig | None:
+def bnb_config(quant: QuantizationConfig, device: str, *, fsdp: bool = False) -> BitsAndBytesConfig | None:
+    """Under FSDP the packed 4-bit weights are stored in the compute dtype, not uint8: FSDP shards float tensors
+    only, and wraps a layer whole only when all its tensors share one dtype (bitsandbytes' FSDP-QLoRA guide)."""
     if not quant.enabled:
         return None
+    compute = dtype_for(quant.compute_dtype, device)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.method,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=dtype_for(quant.compute_dtype, device),
+        bnb_4bit_compute_dtype=compute,
+        **({"bnb_4bit_quant_storage": compute} if fsdp else {}),
     )
+
+
+def fsdp_dtype(model: ModelConfig, quant: QuantizationConfig, device: str) -> torch.dtype:
+    """FSDP-QLoRA loads the base in the dtype its 4-bit weights are stored in: model.dtype and
+    quantization.compute_dtype must agree."""
+    dtype = dtype_for(model.dtype, device)
+    if quant.enabled and dtype_for(quant.compute_dtype, device) != dtype:
+        raise ValueError(f"model.dtype ({model.dtype}) and quantization.compute_dtype ({quant.compute_dtype}) must "
+                         "resolve to the same dtype under FSDP (training.accelerate_config)")
+    return dtype
+
+
+def process_device(device: str) -> str | int:
+    """This process's device: under `accelerate launch` on GPUs each worker takes the GPU of its LOCAL_RANK."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if device == "cuda" else device
 
 
 def disable_cpu_bf16_repack(model: torch.nn.Module) -> int:
@@ -63,22 +83,24 @@ def disable_cpu_bf16_repack(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def load_base_model(model: ModelConfig, quant: QuantizationConfig, *, quantized: bool = True) -> PreTrainedModel:
+def load_base_model(model: ModelConfig, quant: QuantizationConfig, *, quantized: bool = True,
+                    fsdp: bool = False) -> PreTrainedModel:
     """The frozen base; 4-bit when `quantized` and the config asks for it (training, QLoRA eval), else full
-    precision (merging must never happen in the 4-bit model)."""
+    precision (merging must never happen in the 4-bit model). Under FSDP no device map: accelerate loads the
+    weights on rank 0 only (fsdp_cpu_ram_efficient_loading) and shards them onto the GPUs."""
     device = device_for(model)
-    quantization = bnb_config(quant, device) if quantized else None
-    dtype = dtype_for(model.dtype, device)
+    quantization = bnb_config(quant, device, fsdp=fsdp) if quantized else None
+    dtype = fsdp_dtype(model, quant, device) if fsdp else dtype_for(model.dtype, device)
     loaded = AutoModelForCausalLM.from_pretrained(
         resolve_base(model),
         revision=model.revision,
         dtype=dtype,
         quantization_config=quantization,
-        device_map={"": device} if quantization is not None else None,
+        device_map={"": process_device(device)} if quantization is not None and not fsdp else None,
         trust_remote_code=model.trust_remote_code,
     )
-    if quantization is None:
-        loaded.to(device)
-    elif device == "cpu":
+    if quantization is None and not fsdp:
+        loaded.to(process_device(device))
+    if quantization is not None and device == "cpu":
         disable_cpu_bf16_repack(loaded)
     return loaded

@@ -26,6 +26,7 @@ from loraflow.config.training import TrainingConfig
 from loraflow.hashing import sha_of_files
 from loraflow.outputs import write_json
 from loraflow.results import ChatResult, TrainResult
+from loraflow.training.distributed import WorkerInputs, is_distributed, launch_workers, uses_fsdp
 from loraflow.training.live_metrics import LiveMetrics, Tracking, system_metrics, training_run
 from loraflow.training.models import device_for, dtype_for, load_base_model
 
@@ -81,6 +82,9 @@ def sft_arguments(training: TrainingConfig, model: ModelConfig, output_dir: Path
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         dataloader_num_workers=0,
+        # Under DDP: every LoRA parameter gets a gradient each step, and searching for unused ones costs a graph walk
+        # per step (and errors with non-reentrant checkpointing).
+        ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
 
@@ -113,20 +117,36 @@ def peak_rss_mb() -> float:
 
 def train_adapter(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
                   training: TrainingConfig, out_dir: Path, key: str, tracking: Tracking | None = None) -> TrainResult:
-    """Train (or resume) the adapter in `out_dir`; with `tracking`, the MLflow run shows it live
-    (loraflow/training/live_metrics.py) and the result names the run."""
+    """Train (or resume) the adapter in `out_dir`: in this process, or on `training.num_processes` workers that
+    `accelerate launch` starts (loraflow/training/distributed.py), each running `train_here`. With `tracking`, the
+    MLflow run shows it live (loraflow/training/live_metrics.py) and the result names the run."""
+    if is_distributed(training):
+        return launch_workers(WorkerInputs(chat=chat, model=model, lora=lora, quant=quant, training=training,
+                                           out_dir=str(out_dir), key=key, tracking=tracking))
+    result = train_here(chat, model, lora, quant, training, out_dir, key, tracking)
+    assert result is not None  # a single process is rank 0
+    return result
+
+
+def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
+               training: TrainingConfig, out_dir: Path, key: str, tracking: Tracking | None = None
+               ) -> TrainResult | None:
+    """The training itself, in this process as one rank of however many there are (WORLD_SIZE, set by
+    `accelerate launch`). Rank 0 alone logs to MLflow, saves the adapter and returns the result; the others
+    return None."""
+    args = sft_config(training, model, out_dir / "checkpoints")
+    main = args.process_index == 0  # reading it sets up the process group under `accelerate launch`
     tokenizer = load_tokenizer(model)
     data = load_from_disk(chat.tokenized_dir)
-    base = load_base_model(model, quant, quantized=True)
-    checkpoints = out_dir / "checkpoints"
-    resume_from = last_complete_checkpoint(checkpoints)
-    if resume_from:
+    base = load_base_model(model, quant, quantized=True, fsdp=uses_fsdp(training))
+    resume_from = last_complete_checkpoint(Path(args.output_dir))
+    if resume_from and main:
         log.info("resuming training from %s", resume_from)
     timer = StepTimer()
-    run_id = training_run(tracking, out_dir) if tracking else None
+    run_id = training_run(tracking, out_dir, world_size=args.world_size) if tracking and main else None
     trainer = SFTTrainer(
         model=base,
-        args=sft_config(training, model, checkpoints),
+        args=args,
         train_dataset=data["train"],
         processing_class=tokenizer,
         peft_config=peft_config(lora),
@@ -137,13 +157,20 @@ def train_adapter(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quan
     elapsed = time.perf_counter() - timer.started
 
     adapter_dir = out_dir / "adapter"
-    trainer.model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
+    if trainer.is_fsdp_enabled:  # the adapter is saved whole, not as shards (PEFT's FSDP-QLoRA recipe)
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(adapter_dir))  # the adapter and the tokenizer, written by rank 0 only
+    if not main:
+        return None
+    # save_model also pickles the TrainingArguments beside them: not part of the adapter, and its paths would make
+    # the adapter's content hash differ between two identical trainings.
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)
     history = trainer.state.log_history
     write_json(out_dir / "log_history.json", history)
     losses = [entry["loss"] for entry in history if "loss" in entry]
+    # Every process trains on its own batches: one optimizer step sees world_size of them.
     tokens_per_step = chat.stats["train_tokens"] / max(1, len(data["train"])) * training.batch_size * \
-        training.gradient_accumulation_steps
+        training.gradient_accumulation_steps * args.world_size
     metrics = {
         "train_loss": float(output.training_loss),
         "first_logged_loss": float(losses[0]) if losses else float("nan"),
@@ -151,6 +178,7 @@ def train_adapter(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quan
         "global_steps": float(trainer.state.global_step),
         "steps_this_process": float(timer.steps),
         "resumed_from_step": float(resume_from.name.rsplit("-", 1)[1]) if resume_from else 0.0,
+        "world_size": float(args.world_size),
         "train_seconds": elapsed,
         "train_tokens_per_second": timer.steps * tokens_per_step / elapsed if elapsed > 0 else 0.0,
         "peak_rss_mb": peak_rss_mb(),

@@ -44,15 +44,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def run(config: str, overrides: list[str]) -> int:
     """The finetune flow in this process (Prefect's temporary server unless PREFECT_API_URL or a profile says
     otherwise); leaves vLLM + router running when the config serves (`loraflow down` stops them)."""
-    from loraflow.localstack.temporary_server import start_temporary_server_early
-
-    server_ready = start_temporary_server_early()
     from flows.finetune import finetune, validated_job
     from loraflow.evaluation.comparison import comparison_table
 
     parsed = parse_overrides(overrides)
-    validated_job(config, parsed)  # fail before the flow run starts, with the field path
-    server_ready()
+    validated_job(config, parsed)  # fail before Prefect starts, with the field path
     summary = finetune(config=config, overrides=parsed or None)
     reused = "new" if summary["new_version"] else "unchanged inputs: existing version reused"
     print(f"\nregistered model {summary['model_name']!r} version {summary['version']} ({reused})")

@@ -27,12 +27,12 @@ from tests.fixtures import TINY_CONFIG, train_in_child
 PERPLEXITY_ONLY = [{"metric": "perplexity", "higher_is_better": False, "min_gain_over_base": 0.0,
                     "min_gain_over_champion": None}]
 # Two workers, 16 conversations per optimizer step; perplexity is the gate (lm-eval's benchmarks are tested
-# elsewhere and cost minutes here).
-TWO_PROCESSES = {"training.num_processes": 2, "training.max_steps": 16, "training.save_steps": 8,
-                 "training.logging_steps": 2, "eval.benchmarks.tasks": [], "promotion.require": PERPLEXITY_ONLY,
-                 "merge.enabled": False, "serving.enabled": False}
+# elsewhere and cost minutes here). A model of its own: the session's tiny-ko champion (a whole epoch) would
+# rightly beat these 16 steps, and a second tiny-ko version would change what the flow tests see.
+TWO_PROCESSES = {"registry.model_name": "tiny-ko-ddp", "training.num_processes": 2, "training.max_steps": 16,
+                 "training.save_steps": 8, "training.logging_steps": 2, "eval.benchmarks.tasks": [],
+                 "promotion.require": PERPLEXITY_ONLY, "merge.enabled": False, "serving.enabled": False}
 RESUME = {**TWO_PROCESSES, "training.max_steps": 12, "training.save_steps": 3, "training.logging_steps": 1}
-
 
 
 @pytest.fixture(scope="module")

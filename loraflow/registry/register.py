@@ -196,8 +196,7 @@ def register_adapter(
         for file in [*evaluated.artifacts, *(extra_artifacts or [])]:
             client.log_artifact(run_id, file, "eval")
         client.log_artifacts(run_id, trained.adapter_dir, "adapter")
-        if name not in {m.name for m in client.search_registered_models(f"name='{name}'")}:
-            ensure_registered_model(client, name, f"LoRA adapters of job {job.name} on {job.model.base}")
+        ensure_registered_model(client, name, f"LoRA adapters of job {job.name} on {job.model.base}")
         source = f"{run.info.artifact_uri}/adapter"
         version = client.create_model_version(name, source=source, run_id=run_id, tags=lineage,
                                               description=_describe(evaluated.metrics))

@@ -4,11 +4,11 @@ from loraflow.config.data import DataConfig
 from loraflow.keys import dataset_key
 from loraflow.outputs import run_step
 from loraflow.results import DatasetResult
-from tasks.prefect_glue import prefect_cache_key
+from tasks.prefect_glue import step_cache
 
 
 # Retries cover hub downloads; a bad local file fails the same way every time and is reported at once.
-@task(name="build_dataset", cache_key_fn=prefect_cache_key("dataset", dataset_key), persist_result=True,
+@task(name="build_dataset", **step_cache("dataset", dataset_key),
       retries=2, retry_delay_seconds=[10, 60])
 def build_dataset(data: DataConfig) -> DatasetResult:
     key = dataset_key(data)

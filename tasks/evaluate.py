@@ -6,10 +6,10 @@ from loraflow.config.model import ModelConfig
 from loraflow.keys import eval_key
 from loraflow.outputs import run_step
 from loraflow.results import ChatResult, EvalResult, TrainResult
-from tasks.prefect_glue import accelerator, prefect_cache_key
+from tasks.prefect_glue import accelerator, step_cache
 
 
-@task(name="evaluate", cache_key_fn=prefect_cache_key("evaluate", eval_key), persist_result=True)
+@task(name="evaluate", **step_cache("evaluate", eval_key))
 def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: QuantizationConfig,
              evaluation: EvalConfig) -> EvalResult:
     key = eval_key(chat, trained, model, quant, evaluation)

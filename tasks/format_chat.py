@@ -5,10 +5,10 @@ from loraflow.config.training import TrainingConfig
 from loraflow.keys import chat_key
 from loraflow.outputs import run_step
 from loraflow.results import ChatResult, DatasetResult
-from tasks.prefect_glue import prefect_cache_key
+from tasks.prefect_glue import step_cache
 
 
-@task(name="format_chat", cache_key_fn=prefect_cache_key("chat", chat_key), persist_result=True)
+@task(name="format_chat", **step_cache("chat", chat_key))
 def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingConfig) -> ChatResult:
     key = chat_key(dataset, model, training)
 

@@ -20,24 +20,29 @@ from prefect.settings import PREFECT_UI_URL
 
 from loraflow.evaluation.comparison import comparison_table
 from loraflow.localstack.prefect_api import ACCELERATOR_LIMIT, ensure_limit
-from loraflow.outputs import is_done
 from loraflow.registry.client import run_url
 
 # A killed run keeps its slot until the lease expires; a short lease lets its retry start soon after.
 # The lease is renewed in the background while the work runs, so long trainings are unaffected.
 LEASE_SECONDS = 60
+PREFECT_RECORD = "prefect-record"
 
 
-def prefect_cache_key(step: str, key_fn: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str | None]:
-    """A Prefect `cache_key_fn`: the step's content key while its files exist, else no cache (a miss)."""
+def step_cache(step: str, key_fn: Callable[..., str]) -> dict[str, Any]:
+    """`@task` options that make Prefect's cache follow the step's content-addressed directory.
 
+    The cache key is always the step's content key, so the first run's record is the one an identical rerun
+    finds (state `Cached`). The key is a path under Prefect's local result storage, which loraflow.env points at
+    work/: the record is written inside the step's directory (work/<step>/<key>/prefect-record) once the step has
+    returned, and deleting a step's directory deletes its record, so a cached result whose files are gone is a miss.
+    """
     accepted = set(inspect.signature(key_fn).parameters)  # a task may take more than its key depends on
 
-    def cache_key(_context: Any, parameters: dict[str, Any]) -> str | None:
+    def cache_key(_context: Any, parameters: dict[str, Any]) -> str:
         key = key_fn(**{name: value for name, value in parameters.items() if name in accepted})
-        return f"{step}-{key}" if is_done(step, key) else None
+        return f"{step}/{key}/{PREFECT_RECORD}"
 
-    return cache_key
+    return {"cache_key_fn": cache_key, "persist_result": True}
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:

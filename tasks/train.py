@@ -10,11 +10,11 @@ from loraflow.keys import train_key
 from loraflow.outputs import run_step
 from loraflow.registry.client import tracking_uri
 from loraflow.results import ChatResult, TrainResult
-from tasks.prefect_glue import accelerator, prefect_cache_key
+from tasks.prefect_glue import accelerator, step_cache
 
 
 # A retry (or a retried flow run) finds the checkpoints in the step's directory and resumes from the last one.
-@task(name="train", cache_key_fn=prefect_cache_key("train", train_key), persist_result=True,
+@task(name="train", **step_cache("train", train_key),
       retries=1, retry_delay_seconds=30)
 def train(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
           training: TrainingConfig, registry: RegistryConfig, job_name: str) -> TrainResult:

@@ -1,7 +1,9 @@
-import time
+import shutil
 from pathlib import Path
 
 from mlflow import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter
 
 from flows.finetune import finetune
 from loraflow import paths
@@ -17,10 +19,25 @@ LINEAGE = (
     "code_version",
     "flow_run_id",
 )
+CACHED_STEPS = ("build_dataset", "format_chat", "train", "evaluate")
 
 
 def _client(run: dict) -> MlflowClient:
     return client_at(run["tracking_uri"])
+
+
+def run_with_step_states(overrides: dict) -> tuple[dict, dict[str, str]]:
+    """One flow run, and the Prefect state name of each of its tasks (`Cached`, `Completed`)."""
+    state = finetune(config=TINY_CONFIG, overrides=overrides, return_state=True)
+    with get_client(sync_client=True) as prefect:
+        task_runs = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]}))
+    return state.result(), {run.task_key.rsplit("-", 1)[0]: run.state_name for run in task_runs}
+
+
+def all_cached(states: dict[str, str]) -> bool:
+    """Every content-keyed step came from Prefect's cache: what makes a rerun cheap (bench/pipeline.py times it)."""
+    return all(states.get(step) == "Cached" for step in CACHED_STEPS)
 
 
 def test_cold_run_registers_a_version_with_lineage_and_metrics(finetune_run, step_results):
@@ -57,14 +74,21 @@ def test_auto_champion_policy_promotes_the_first_passing_version(finetune_run):
 
 
 def test_identical_rerun_is_cached_and_registers_no_new_version(finetune_run):
-    started = time.perf_counter()
-    again = finetune(config=TINY_CONFIG, overrides=TINY_OVERRIDES)
-    elapsed = time.perf_counter() - started
+    again, states = run_with_step_states(TINY_OVERRIDES)
     assert again["version"] == finetune_run["version"] and not again["new_version"]
     assert again["metrics"] == finetune_run["metrics"]
     client = _client(finetune_run)
     assert len(client.search_model_versions("name='tiny-ko'")) == 1
-    assert elapsed < 60, f"cached rerun took {elapsed:.1f}s"
+    assert all_cached(states), states
+
+
+def test_a_step_whose_files_are_gone_runs_again_and_the_rest_stay_cached(finetune_run, step_results):
+    dataset_dir = Path(step_results["dataset"].path)
+    shutil.rmtree(dataset_dir)  # someone cleaned work/: Prefect's record went with the files
+    again, states = run_with_step_states(TINY_OVERRIDES)
+    assert states["build_dataset"] == "Completed" and (dataset_dir / "result.json").is_file(), states
+    assert all(states[step] == "Cached" for step in CACHED_STEPS[1:]), states  # same content, same keys
+    assert again["version"] == finetune_run["version"] and not again["new_version"]
 
 
 def test_changing_a_lora_field_retrains_but_reuses_dataset_and_chat(finetune_run):
@@ -90,18 +114,14 @@ def test_a_directory_source_retrains_exactly_when_new_data_lands(tmp_path: Path,
                  "data.sources": [{"path": str(incoming), "fields": {"prompt": "instruction", "response": "output"}}],
                  "merge.enabled": False, "eval.benchmarks.tasks": [], "promotion.require": []}
 
-    def timed_run() -> tuple[dict, float]:
-        started = time.perf_counter()
-        return finetune(config=TINY_CONFIG, overrides=overrides), time.perf_counter() - started
-
-    first, cold = timed_run()
-    second, cached = timed_run()
+    first, cold = run_with_step_states(overrides)
+    second, unchanged = run_with_step_states(overrides)
     assert (first["new_version"], second["new_version"], second["version"]) == (True, False, first["version"])
-    print(f"[timing] directory source: cold {cold:.1f} s, unchanged rerun {cached:.1f} s ({cached / cold:.0%})")
-    assert cached < cold / 2
+    assert not any(state == "Cached" for state in cold.values()) and all_cached(unchanged), (cold, unchanged)
 
     (incoming / "week2.jsonl").write_text("".join(rows[200:]), encoding="utf-8")  # the week's new data
-    third, _ = timed_run()
+    third, new_data = run_with_step_states(overrides)
+    assert new_data["build_dataset"] != "Cached" and new_data["train"] != "Cached", new_data
     assert third["new_version"] and third["version"] != first["version"]
     client = _client(third)
     v1 = client.get_model_version("tiny-ko-weekly", first["version"]).tags

@@ -11,7 +11,7 @@ import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
@@ -152,7 +152,6 @@ def test_scheduler_creates_runs_from_cron(local_stack: RunningStack) -> None:
     assert done, [(run.name, run.state) for run in runs]
     assert all(run.auto_scheduled for run in done)
     assert done[0].expected_start_time.second == 0  # on the minute, as the cron says
-    assert done[0].start_time - done[0].expected_start_time < timedelta(seconds=30)
 
 
 def test_bad_override_fails_fast_naming_the_field(local_stack: RunningStack) -> None:

@@ -44,12 +44,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def run(config: str, overrides: list[str]) -> int:
     """The finetune flow in this process (Prefect's temporary server unless PREFECT_API_URL or a profile says
     otherwise); leaves vLLM + router running when the config serves (`loraflow down` stops them)."""
+    from loraflow.localstack.temporary_server import EarlyPrefectServer
+
+    server = EarlyPrefectServer()  # starts on another core while this one imports
     from flows.finetune import finetune, validated_job
     from loraflow.evaluation.comparison import comparison_table
 
     parsed = parse_overrides(overrides)
-    validated_job(config, parsed)  # fail before Prefect starts, with the field path
-    summary = finetune(config=config, overrides=parsed or None)
+    validated_job(config, parsed)  # fail before the flow starts, with the field path
+    with server.serving() as temporary_api:
+        if temporary_api:
+            print(f"Prefect: temporary server at {temporary_api} (it ends with this command)", file=sys.stderr)
+        summary = finetune(config=config, overrides=parsed or None)
     reused = "new" if summary["new_version"] else "unchanged inputs: existing version reused"
     print(f"\nregistered model {summary['model_name']!r} version {summary['version']} ({reused})")
     print(f"MLflow tracking URI: {summary['tracking_uri']}  run: {summary['run_id']}")

@@ -11,11 +11,9 @@ def configure_environment() -> None:
     home = paths.home()
     os.environ.setdefault("LORAFLOW_HOME", str(home))
     prefect_home = os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
-    # Prefect 3.7 derives this from ~/.prefect, not from PREFECT_HOME: name it explicitly.
+    # Prefect 3.7 derives these from ~/.prefect, not from PREFECT_HOME: name them explicitly.
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(prefect_home, "storage"))
     os.environ.setdefault("PREFECT_SERVER_MEMO_STORE_PATH", os.path.join(prefect_home, "memo_store.toml"))
-    # Not a default: Prefect's cache records of the steps must sit inside the step directories they describe
-    # (work/<step>/<key>/prefect-record, tasks/prefect_glue.py), so that deleting a step's files is a cache miss.
-    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(paths.work_dir())
     os.environ.setdefault("HF_HOME", str(home / "cache" / "huggingface"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Prefect shows our plain functions' progress (logging) in the flow run logs.

@@ -9,6 +9,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -16,31 +17,32 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_UI_URL
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, PREFECT_UI_URL
 
 from loraflow.evaluation.comparison import comparison_table
 from loraflow.localstack.prefect_api import ACCELERATOR_LIMIT, ensure_limit
+from loraflow.outputs import is_done
 from loraflow.registry.client import run_url
 
 # A killed run keeps its slot until the lease expires; a short lease lets its retry start soon after.
 # The lease is renewed in the background while the work runs, so long trainings are unaffected.
 LEASE_SECONDS = 60
-PREFECT_RECORD = "prefect-record"
 
 
 def step_cache(step: str, key_fn: Callable[..., str]) -> dict[str, Any]:
-    """`@task` options that make Prefect's cache follow the step's content-addressed directory.
+    """`@task` options that make Prefect's cross-run cache follow the step's content-addressed directory.
 
-    The cache key is always the step's content key, so the first run's record is the one an identical rerun
-    finds (state `Cached`). The key is a path under Prefect's local result storage, which loraflow.env points at
-    work/: the record is written inside the step's directory (work/<step>/<key>/prefect-record) once the step has
-    returned, and deleting a step's directory deletes its record, so a cached result whose files are gone is a miss.
+    The cache key is always the step's content key, so the first run's record is the one an identical rerun finds
+    (state `Cached`). While the step's files are missing (never made, or deleted), a record left under that key
+    is deleted first: a cached result whose files are gone is a miss, never a dead path.
     """
     accepted = set(inspect.signature(key_fn).parameters)  # a task may take more than its key depends on
 
     def cache_key(_context: Any, parameters: dict[str, Any]) -> str:
         key = key_fn(**{name: value for name, value in parameters.items() if name in accepted})
-        return f"{step}/{key}/{PREFECT_RECORD}"
+        if not is_done(step, key):
+            (Path(PREFECT_RESULTS_LOCAL_STORAGE_PATH.value()) / f"{step}-{key}").unlink(missing_ok=True)
+        return f"{step}-{key}"
 
     return {"cache_key_fn": cache_key, "persist_result": True}
 

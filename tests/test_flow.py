@@ -84,7 +84,7 @@ def test_identical_rerun_is_cached_and_registers_no_new_version(finetune_run):
 
 def test_a_step_whose_files_are_gone_runs_again_and_the_rest_stay_cached(finetune_run, step_results):
     dataset_dir = Path(step_results["dataset"].path)
-    shutil.rmtree(dataset_dir)  # someone cleaned work/: Prefect's record went with the files
+    shutil.rmtree(dataset_dir)  # someone cleaned work/; Prefect's record of it is still there
     again, states = run_with_step_states(TINY_OVERRIDES)
     assert states["build_dataset"] == "Completed" and (dataset_dir / "result.json").is_file(), states
     assert all(states[step] == "Cached" for step in CACHED_STEPS[1:]), states  # same content, same keys

@@ -11,6 +11,7 @@ the time (bench/README.md). It stops when the command ends, as Prefect's would.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import subprocess
@@ -21,9 +22,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+import psutil
 
 from loraflow.errors import LoraflowError
+from loraflow.process import is_healthy, stop_process
 
 HOST = "127.0.0.1"
 PORT_IN_USE = 3  # uvicorn's exit status when the port was taken in between
@@ -57,15 +59,6 @@ def _spawn(port: int) -> subprocess.Popen:
                              "--host", HOST, "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def _wait_healthy(process: subprocess.Popen, port: int) -> tuple[subprocess.Popen, int]:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -74,13 +67,10 @@ def _wait_healthy(process: subprocess.Popen, port: int) -> tuple[subprocess.Pope
             process = _spawn(port)
         elif process.poll() is not None:
             raise LoraflowError(f"Prefect's temporary server exited with status {process.returncode}")
-        try:
-            if httpx.get(f"http://{HOST}:{port}/api/health", timeout=5).status_code == 200:
-                return process, port
-        except httpx.HTTPError:
-            pass
+        if is_healthy(f"http://{HOST}:{port}/api/health"):
+            return process, port
         time.sleep(0.1)
-    _stop(process)
+    stop_process(psutil.Process(process.pid))
     raise LoraflowError(f"Prefect's temporary server did not answer within {START_TIMEOUT_S:.0f} s")
 
 
@@ -95,7 +85,8 @@ class EarlyPrefectServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop(self.process)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                stop_process(psutil.Process(self.process.pid))
 
     @contextmanager
     def serving(self) -> Iterator[str | None]:

@@ -25,12 +25,13 @@ RUN apt-get update \
 
 ENV VIRTUAL_ENV=/opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN python3.11 -m venv $VIRTUAL_ENV && pip install --upgrade pip
+RUN python3.11 -m venv $VIRTUAL_ENV && pip install pip==26.3
 
 WORKDIR /opt/loraflow
 COPY . .
-# Editable, as in a checkout: code that finds files next to it (configs/, data/) finds them here.
-RUN pip install -e ".[serve-cuda,k8s]"
+# Editable, as in a checkout: code that finds files next to it (configs/, data/) finds them here. The locked CUDA
+# set (requirements/cuda.txt, `make lock`) as constraints: the image is rebuilt from the same versions.
+RUN pip install -c requirements/cuda.txt -e ".[serve-cuda,k8s]"
 
 # State (Hugging Face cache, step outputs, checkpoints) lives here; the pool template mounts a volume claim on it.
 ENV LORAFLOW_HOME=/var/lib/loraflow

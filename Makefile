@@ -1,5 +1,5 @@
 # loraflow: `make demo` (environment, local stack, main job, serving), `make test` (suite).
-# Every target but venv/test/lint/clean is a `loraflow` subcommand (`.venv/bin/loraflow --help`).
+# Every target but venv/lock/test/lint/clean is a `loraflow` subcommand (`.venv/bin/loraflow --help`).
 # State lives under LORAFLOW_HOME.
 SHELL := /bin/bash
 COMMA := ,

@@ -3,3 +3,7 @@
 
 class LoraflowError(RuntimeError):
     pass
+
+
+class InputError(LoraflowError):
+    """A bad config, bad data or a missing file: the same on every attempt, so tasks fail at once (no retry)."""

@@ -11,7 +11,7 @@ from prefect.exceptions import ObjectNotFound
 
 from loraflow.config.job import JobConfig
 from loraflow.serving.records import recorded_ports, running_endpoint
-from tasks.prefect_glue import accelerator
+from tasks.prefect_glue import accelerator, retry_transient
 
 
 def resume_polling(job_name: str) -> int:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # the serving code imports torch: load it only when deploying
 
 # Not cached: what is served depends on the registry's aliases and the servers' state, not on inputs.
 # A retry covers a vLLM start that failed for a passing reason (port still held by a stopping process).
-@task(name="deploy", retries=1, retry_delay_seconds=30)
+@task(name="deploy", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient)
 def deploy(job: JobConfig, start: bool = True, promoted_at: datetime | None = None) -> ReconcileReport | None:
     """One reconcile pass; starts vLLM + router first when `start` and they are not running (a crashed pair is
     restarted either way). `promoted_at`: the

@@ -1,5 +1,5 @@
-"""Prefect glue shared by the tasks: cross-run cache keys, the `accelerator` slot, and the links between a
-Prefect flow run and its MLflow run. The plain functions under loraflow/ know nothing of Prefect.
+"""Prefect glue shared by the tasks: cross-run cache keys, which failures are retried, the `accelerator` slot, and
+the links between a Prefect flow run and its MLflow run. The plain functions under loraflow/ know nothing of Prefect.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, PREFECT_UI_URL
+from pydantic import ValidationError
 
+from loraflow.errors import InputError
 from loraflow.evaluation.comparison import comparison_table
 from loraflow.localstack.prefect_api import ACCELERATOR_LIMIT, ensure_limit
 from loraflow.outputs import is_done
@@ -45,6 +48,31 @@ def step_cache(step: str, key_fn: Callable[..., str]) -> dict[str, Any]:
         return f"{step}-{key}"
 
     return {"cache_key_fn": cache_key, "persist_result": True}
+
+
+# The same on every attempt: bad config or data (ValueError covers pydantic, JSON, the data step's DatasetError), a
+# missing or unreadable file, a programming error. A retry would only delay the message.
+PERMANENT = (InputError, ValidationError, ValueError, TypeError, LookupError, AttributeError, AssertionError,
+             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a retry can heal it: a lost connection, a server restarting (5xx, 429), a process that died."""
+    if isinstance(error, MlflowException):
+        return error.get_http_status_code() >= 500 or error.get_http_status_code() == 429
+    status = getattr(getattr(error, "response", None), "status_code", None)  # httpx's and requests' HTTP errors
+    if isinstance(status, int):
+        return status >= 500 or status == 429
+    return not isinstance(error, PERMANENT)
+
+
+def retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:
+    """`retry_condition_fn` of every task with retries: Prefect hands it the failed state holding the exception."""
+    error = state.data
+    if isinstance(error, BaseException) and not is_transient(error):
+        _logger().info("not retried (%s: the same on every attempt): %s", type(error).__name__, error)
+        return False
+    return True
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:

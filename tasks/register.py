@@ -7,13 +7,13 @@ from loraflow.registry import register as plain
 from loraflow.registry.client import client_for
 from loraflow.registry.lineage import data_report
 from loraflow.results import ChatResult, DatasetResult, EvalResult, RegisteredVersion, TrainResult
-from tasks.prefect_glue import artifact_key, prefect_run_tags, publish_mlflow_run
+from tasks.prefect_glue import artifact_key, prefect_run_tags, publish_mlflow_run, retry_transient
 
 
 # Not cached by Prefect: registration is idempotent on the registry side (same adapter + metrics = same version).
 # Retries cover a tracking server that is unreachable for a while: the last one comes 100 s after the first failure,
 # past an MLflow restart on a busy machine (10-30 s measured) even when MLflow's own request retries are exhausted.
-@task(name="register", retries=3, retry_delay_seconds=[10, 30, 60])
+@task(name="register", retries=3, retry_delay_seconds=[10, 30, 60], retry_condition_fn=retry_transient)
 def register(job: JobConfig, config_path: str, dataset: DatasetResult, chat: ChatResult, trained: TrainResult,
              evaluated: EvalResult) -> RegisteredVersion:
     version = plain.register_adapter(job, config_path, dataset, chat, trained, evaluated,

@@ -10,12 +10,12 @@ from loraflow.keys import train_key
 from loraflow.outputs import run_step
 from loraflow.registry.client import tracking_uri
 from loraflow.results import ChatResult, TrainResult
-from tasks.prefect_glue import accelerator, step_cache
+from tasks.prefect_glue import accelerator, retry_transient, step_cache
 
 
 # A retry (or a retried flow run) finds the checkpoints in the step's directory and resumes from the last one.
 @task(name="train", **step_cache("train", train_key),
-      retries=1, retry_delay_seconds=30)
+      retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient)
 def train(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
           training: TrainingConfig, registry: RegistryConfig, job_name: str) -> TrainResult:
     """`registry` and `job_name` say where the live MLflow run goes; they are not part of the cache key."""

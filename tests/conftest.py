@@ -1,5 +1,5 @@
 """The test session's environment: one LORAFLOW_HOME per session, no Prefect/MLflow variables of the caller, no
-hub downloads, the tiny-ko base shared with the user's state dir. Fixtures and helpers: tests/fixtures.py."""
+hub downloads, the tiny-ko base shared with the user's state dir. Fixtures and helpers: the tests/fixtures/ package."""
 
 from __future__ import annotations
 

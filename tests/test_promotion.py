@@ -202,3 +202,15 @@ def test_repo_configs_policies() -> None:
     assert passed, reasons
     every_task = {rule.metric.split("/")[0] for rule in qwen.promotion.require} - {"perplexity"}
     assert every_task == set(qwen.eval.benchmarks.tasks)
+
+
+def test_versions_shows_the_first_failing_requirement_of_a_rejected_version(client, store, model_name,
+                                                                             capsys) -> None:
+    version = register(client, store[1], model_name, metrics(ppl=90.0, acc=0.40))
+    assert not promote(client, model_name, version, metrics(ppl=90.0, acc=0.40), POLICY).passed
+    assert main(["versions", model_name, "--tracking-uri", store[0]]) == 0
+    line = capsys.readouterr().out.strip()
+    first_fail = next(r for r in client.get_model_version(model_name, version).tags[TAG_REASONS].splitlines()
+                      if r.startswith("fail:"))
+    assert line == f"v{version}\taliases=-\tdecision=rejected\treason={first_fail.removeprefix('fail:').strip()}"
+    assert "perplexity" in line

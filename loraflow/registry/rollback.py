@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
 
 from loraflow.errors import LoraflowError
-from loraflow.registry.promote import CHAMPION, TAG_DECISION, champion_version
+from loraflow.registry.promote import CHAMPION, REJECTED, TAG_DECISION, TAG_REASONS, champion_version
 
 TAG_MOVED = "promotion.moved_by_hand"
 
@@ -61,5 +61,10 @@ def describe_versions(client: MlflowClient, model_name: str) -> list[str]:
     for found in client.search_model_versions(f"name='{model_name}'"):
         full = client.get_model_version(model_name, found.version)  # search results omit aliases
         aliases = ",".join(full.aliases) or "-"
-        lines.append(f"v{full.version}\taliases={aliases}\tdecision={full.tags.get(TAG_DECISION, '-')}")
+        line = f"v{full.version}\taliases={aliases}\tdecision={full.tags.get(TAG_DECISION, '-')}"
+        if full.tags.get(TAG_DECISION) == REJECTED:
+            # Why, at a glance: the first requirement it failed (all of them are in the tag and the description).
+            failed = [r for r in full.tags.get(TAG_REASONS, "").splitlines() if r.startswith("fail:")]
+            line += f"\treason={failed[0].removeprefix('fail:').strip() if failed else 'not recorded'}"
+        lines.append(line)
     return sorted(lines, key=lambda line: int(line.split("\t")[0][1:]))

@@ -8,7 +8,14 @@ from datetime import datetime
 from loraflow.config.job import JobConfig
 from loraflow.registry.client import client_for, tracking_uri
 from loraflow.serving.reconcile import ReconcileReport, reconcile
-from loraflow.serving.records import Endpoint, recorded_ports, running_endpoint, state_dir, stop_job_servers
+from loraflow.serving.records import (
+    Endpoint,
+    recorded_ports,
+    recovered_endpoint,
+    running_endpoint,
+    state_dir,
+    stop_job_servers,
+)
 from loraflow.serving.registry_view import aliased_versions, download_version
 from loraflow.serving.servers import start_stack
 from loraflow.serving.vllm_server import api_key
@@ -23,12 +30,16 @@ def deploy_aliases(job: JobConfig, start: bool = True,
     uri = tracking_uri(job.registry)
     adapters_root = state_dir(model) / "adapters"
     endpoint = running_endpoint(model)
+    if endpoint is None and recorded_ports(model):
+        # vLLM died under a live router: the router's supervisor is restarting it (reloading what was loaded);
+        # restarting here too would race it. Startup plus reloading the adapters bounds the wait.
+        endpoint = recovered_endpoint(model, job.serving.startup_timeout_s + 120)
     if endpoint is None:
         ports = recorded_ports(model)
         if not ports and not start:
             return None
-        # A half-dead pair (vLLM killed, router alive) is ours to replace: stop what is recorded, then start anew
-        # on the same ports.
+        # A pair its supervisor could not heal (the router died too, or vLLM never came back) is ours to replace:
+        # stop what is recorded, then start anew on the same ports.
         if ports:
             job = job.model_copy(update={"serving": job.serving.model_copy(update=ports)})
         stop_job_servers(model)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
 
 from loraflow import paths
-from loraflow.process import is_healthy, recorded, stop_record, write_record
+from loraflow.process import is_healthy, read_record, recorded, stop_record, write_record
 from loraflow.serving.client import ServingClient
 
 STACK_FILE = "stack.json"
@@ -70,8 +71,24 @@ def running_endpoint(model_name: str) -> Endpoint | None:
     return endpoint if is_healthy(f"{endpoint.router_url}/health") else None
 
 
+def recovered_endpoint(model_name: str, timeout_s: float) -> Endpoint | None:
+    """While the recorded router lives, its supervisor restarts a dead vLLM (serving/supervisor.py): wait for the
+    pair to answer again. None when the router is gone too, serving was stopped, or vLLM is not back in time."""
+    file = state_dir(model_name) / STACK_FILE
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = read_record(file)
+        if record is None or recorded(record.get("processes", {}).get("router")) is None:
+            return None
+        if (endpoint := running_endpoint(model_name)) is not None:
+            return endpoint
+        time.sleep(1)
+    return None
+
+
 def stop_recorded(file: Path) -> list[int]:
-    """Stop the servers a stack.json records (router first: clients get refused, not 502s); then forget them."""
+    """Stop the servers a stack.json records (router first: clients get refused, not 503s for a vLLM that will
+    not come back; its supervisor stops with it); then forget them."""
     if not file.is_file():
         return []
     processes = json.loads(file.read_text()).get("processes", {})

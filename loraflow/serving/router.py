@@ -2,6 +2,8 @@
 rewrites only the `model` field of request bodies from a stable name to the versioned name it points at, so a
 champion switch is one atomic table swap (no weights are reloaded under an old name; docs/serving.md).
 With an API key, every path but /health needs it (vLLM itself guards only /v1: /invocations, /tokenize, ...).
+With `--supervise STACK_FILE` it also restarts the recorded vLLM when it dies (serving/supervisor.py); meanwhile
+every request gets 503 + Retry-After, never a refused connection.
 Run: `python -m loraflow.serving.router --upstream ... --port ...`.
 """
 
@@ -11,15 +13,11 @@ import argparse
 import hmac
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from email import message_from_bytes
-from email.message import Message
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
 
 import httpx
 from starlette.applications import Starlette
@@ -29,22 +27,31 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from loraflow.serving.rewrite import HOP_BY_HOP, bearer_token, forward_headers, rewrite_model
+from loraflow.serving.supervisor import Supervisor
+
 ROUTES_PATH = "/loraflow/routes"
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]  # HEAD comes with GET
-# Per connection, never forwarded (RFC 9110 7.6.1); host and content-length are recomputed for the next hop.
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-              "host", "content-length"}
 # The router's uvicorn adds its own; upstream's copies would be duplicates.
 RESPONSE_DROP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "date", "server"}
-# What h11 (httpx's HTTP/1.1 layer) accepts; anything else raises LocalProtocolError mid-request, i.e. a 500.
-_FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
-_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
+# OpenAI's endpoints, where `model` is required; vLLM would answer a request without it with its first model (the
+# base), silently untuned. Its own paths (/tokenize, /pooling, ...) pass as they are.
+MODEL_REQUIRED = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses",
+                  "/v1/audio/transcriptions", "/v1/audio/translations"}
+RETRY_AFTER_S = 5  # vLLM restarts in tens of seconds: a client polling every few seconds gets it soon after
 
 
-def error(status: int, message: str, kind: str, code: str | int | None = None) -> JSONResponse:
+def error(status: int, message: str, kind: str, code: str | int | None = None, param: str | None = None,
+          headers: dict[str, str] | None = None) -> JSONResponse:
     """OpenAI's error shape, so OpenAI clients surface the message instead of a parse error."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code or status}},
-                        status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code or status}},
+                        status_code=status, headers=headers)
+
+
+def unavailable(message: str) -> JSONResponse:
+    """vLLM down or restarting: 503 with Retry-After, which clients and load balancers retry (a 502 they do not)."""
+    return error(503, message, "server_unavailable", "upstream_unavailable",
+                 headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class RouteTable:
@@ -74,68 +81,6 @@ def parse_routes(routes: object) -> dict[str, str]:
     return dict(routes)
 
 
-def bearer_token(value: str | None) -> str | None:
-    """The token of `Bearer <token>`, None for an absent, empty or other-scheme header (vLLM's parsing)."""
-    scheme, _, token = (value or "").strip().partition(" ")
-    return (token.strip() or None) if scheme.lower() == "bearer" else None
-
-
-def forward_headers(raw: list[tuple[bytes, bytes]], keep_auth: bool) -> list[tuple[bytes, bytes]]:
-    """Raw (byte-exact) headers minus hop-by-hop ones, those `Connection` names, and any that h11 would refuse;
-    `Authorization` only when `keep_auth` (lm-eval sends `Bearer ` with no key set: forwarding it is a 500)."""
-    named = {t.strip().lower() for k, v in raw if k.lower() == b"connection" for t in v.decode("latin-1").split(",")}
-    drop = HOP_BY_HOP | named | (set() if keep_auth else {"authorization"})
-    return [(name, value) for name, value in raw if name.decode("latin-1").lower() not in drop
-            and _FIELD_NAME.fullmatch(name) and _FIELD_VALUE.fullmatch(value)]
-
-
-def rewrite_model(body: bytes, content_type: str, routes: dict[str, str]) -> tuple[bytes, str | None]:
-    """(body with a stable `model` replaced by its versioned name, the model name vLLM will see). Bodies that
-    name no stable model are returned byte for byte."""
-    if not body:
-        return body, None
-    parsed = Message()
-    parsed["content-type"] = content_type or "application/json"
-    kind = parsed.get_content_type()
-    if kind == "multipart/form-data" and isinstance(boundary := parsed.get_param("boundary"), str):
-        return _rewrite_multipart(body, boundary.encode("latin-1"), routes)
-    if kind == "application/x-www-form-urlencoded":
-        fields = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
-        model = next((v for k, v in fields if k == "model"), None)
-        if model not in routes:
-            return body, model
-        return urlencode([(k, routes[v] if k == "model" else v) for k, v in fields]).encode(), routes[model]
-    if kind == "application/json" or kind.endswith("+json"):
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return body, None  # vLLM answers malformed JSON with its own 400
-        if not isinstance(payload, dict) or not isinstance(model := payload.get("model"), str):
-            return body, None
-        if model not in routes:
-            return body, model
-        payload["model"] = routes[model]
-        return json.dumps(payload, ensure_ascii=False).encode(), routes[model]
-    return body, None
-
-
-def _rewrite_multipart(body: bytes, boundary: bytes, routes: dict[str, str]) -> tuple[bytes, str | None]:
-    """Replace the value of the `model` form field in place; file parts stay byte for byte (audio uploads)."""
-    parts = body.split(b"--" + boundary)
-    for index, part in enumerate(parts[1:-1], start=1):
-        head, sep, value = part.partition(b"\r\n\r\n")
-        headers = message_from_bytes(head.removeprefix(b"\r\n"))
-        if not sep or headers.get_param("name", header="content-disposition") != "model" \
-                or headers.get_param("filename", header="content-disposition") is not None:
-            continue
-        model = value.removesuffix(b"\r\n").decode("utf-8", errors="replace")
-        if model not in routes:
-            return body, model
-        parts[index] = head + sep + routes[model].encode() + b"\r\n"
-        return (b"--" + boundary).join(parts), routes[model]
-    return body, None
-
-
 class RelayResponse(StreamingResponse):
     """Upstream's status, headers and raw bytes as they arrive (SSE included); `on_close` runs however the
     response ends (completed, client gone, upstream failed), so in-flight counts never leak."""
@@ -153,7 +98,8 @@ class RelayResponse(StreamingResponse):
             self.on_close()
 
 
-def create_app(upstream: str, api_key: str | None, routes_file: Path | None) -> Starlette:
+def create_app(upstream: str, api_key: str | None, routes_file: Path | None,
+               supervisor: Supervisor | None = None) -> Starlette:
     table = RouteTable(routes_file)
     # No read timeout (long generations) and no connection cap: vLLM queues requests, the router must not.
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=httpx.Limits(max_connections=None))
@@ -183,18 +129,25 @@ def create_app(upstream: str, api_key: str | None, routes_file: Path | None) -> 
                              headers=forward_headers(request.headers.raw, keep_auth=valid_auth))
 
     async def forward(prepared: httpx.Request, stream: bool = True) -> httpx.Response | Response:
+        if supervisor is not None and supervisor.restarting:
+            # Until the restarted vLLM has its adapters back, a versioned name would be a 404: not a client's error.
+            return unavailable(f"upstream vLLM restarting; retry after {RETRY_AFTER_S} s")
         try:
             return await client.send(prepared, stream=stream)
         except httpx.TransportError as exc:
-            return error(502, f"upstream vLLM unreachable: {type(exc).__name__}", "upstream_error")
+            # Refused, reset or dropped mid-request: vLLM is down or restarting, which heals; say when to retry.
+            state = "restarting" if supervisor is not None and supervisor.restarting else "unreachable"
+            return unavailable(f"upstream vLLM {state} ({type(exc).__name__}); retry after {RETRY_AFTER_S} s")
 
     async def health(_request: Request) -> Response:
         try:
             upstream_status = (await client.get(base.join("/health"), timeout=5)).status_code
         except httpx.HTTPError:
             upstream_status = None
-        return JSONResponse({"router": "ok", "upstream": upstream_status},
-                            status_code=200 if upstream_status == 200 else 503)
+        if upstream_status == 200:
+            return JSONResponse({"router": "ok", "upstream": upstream_status})
+        return JSONResponse({"router": "ok", "upstream": upstream_status}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def routes(request: Request) -> Response:
         if denied := refused(request):
@@ -237,7 +190,11 @@ def create_app(upstream: str, api_key: str | None, routes_file: Path | None) -> 
     async def proxy(request: Request) -> Response:
         if denied := refused(request):
             return denied
-        body, target = rewrite_model(await request.body(), request.headers.get("content-type", ""), table.routes)
+        body, target, missing = rewrite_model(await request.body(), request.headers.get("content-type", ""),
+                                              table.routes)
+        if missing and request.method == "POST" and request.url.path in MODEL_REQUIRED:
+            return error(400, "you must provide a model parameter ('model': the stable name or a versioned one)",
+                         "invalid_request_error", "missing_required_parameter", param="model")
         if target is not None:
             table.inflight[target] += 1
 
@@ -262,7 +219,11 @@ def create_app(upstream: str, api_key: str | None, routes_file: Path | None) -> 
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        if supervisor is not None:
+            supervisor.start()
         yield
+        if supervisor is not None:
+            supervisor.close()
         await client.aclose()
 
     return Starlette(
@@ -288,9 +249,11 @@ def main() -> None:
     parser.add_argument("--routes-file", type=Path, default=None)
     # The key is read from the environment variable named here, never passed on the command line.
     parser.add_argument("--api-key-env", default=None)
+    parser.add_argument("--supervise", type=Path, default=None, help="the stack.json whose vLLM to keep running")
     args = parser.parse_args()
-    key = os.environ.get(args.api_key_env) if args.api_key_env else None
-    app = create_app(args.upstream, key or None, args.routes_file)
+    key = (os.environ.get(args.api_key_env) if args.api_key_env else None) or None
+    supervisor = Supervisor(args.supervise, args.upstream, key) if args.supervise else None
+    app = create_app(args.upstream, key, args.routes_file, supervisor)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

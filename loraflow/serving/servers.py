@@ -21,7 +21,7 @@ from loraflow.serving import records
 from loraflow.serving.names import base_name
 from loraflow.serving.records import Endpoint
 from loraflow.serving.urls import VLLM_HOST, router_url, vllm_url
-from loraflow.serving.vllm_server import VllmLaunch, adapter_rank, vllm_lora_rank, vllm_process
+from loraflow.serving.vllm_server import VllmLaunch, adapter_rank, vllm_lora_rank, vllm_process, vllm_settings
 from loraflow.templates import load_template
 from loraflow.training.models import device_for, dtype_for
 
@@ -86,7 +86,9 @@ def start_stack(job: JobConfig, adapter_dirs: list[str | Path] = ()) -> ServingS
         template_sha=sha_of_text(template),
         max_lora_rank=launch.max_lora_rank,
     )
-    records.save(directory, endpoint, {"vllm": vllm.record(), "router": router.record()},
+    # What the router's supervisor restarts a dead vLLM with (the key comes from the router's own environment).
+    vllm_record = vllm.record(env=vllm_settings(serving, directory), startup_timeout_s=serving.startup_timeout_s)
+    records.save(directory, endpoint, {"vllm": vllm_record, "router": router.record()},
                  {"port": serving.port, "vllm_port": serving.vllm_port})
     return ServingStack(endpoint=endpoint, vllm=vllm, router=router, directory=directory)
 
@@ -107,6 +109,8 @@ def router_process(job: JobConfig, directory: Path) -> ManagedProcess:
         str(directory / "routes.json"),
         "--api-key-env",
         serving.api_key_env,
+        "--supervise",
+        str(directory / records.STACK_FILE),
     ]
     return ManagedProcess(
         name="router",

@@ -92,23 +92,26 @@ def vllm_command(config: ServingConfig, launch: VllmLaunch) -> list[str]:
     return command + list(config.extra_args)
 
 
+def vllm_settings(config: ServingConfig, state_dir: Path) -> dict[str, str]:
+    """vLLM's environment beyond ours, without the key: recorded in stack.json, so the router's supervisor restarts
+    vLLM exactly as it was started."""
+    (state_dir / "rpc").mkdir(parents=True, exist_ok=True)
+    return {
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "VLLM_CACHE_ROOT": str(state_dir / "vllm-cache"),
+        "TORCHINDUCTOR_CACHE_DIR": str(state_dir / "inductor-cache"),
+        "VLLM_RPC_BASE_PATH": str(state_dir / "rpc"),
+        "VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kv_cache_gib),
+        "VLLM_NO_USAGE_STATS": "1",
+    }
+
+
 def vllm_env(config: ServingConfig, state_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-            "VLLM_CACHE_ROOT": str(state_dir / "vllm-cache"),
-            "TORCHINDUCTOR_CACHE_DIR": str(state_dir / "inductor-cache"),
-            "VLLM_RPC_BASE_PATH": str(state_dir / "rpc"),
-            "VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kv_cache_gib),
-            "VLLM_NO_USAGE_STATS": "1",
-        }
-    )
+    env = {**os.environ, **vllm_settings(config, state_dir)}
     key = api_key(config)
     if key:
         # Through the environment (VLLM_API_KEY), not argv: argv shows in `ps` and in vLLM's startup log.
         env["VLLM_API_KEY"] = key
-    (state_dir / "rpc").mkdir(parents=True, exist_ok=True)
     return env
 
 

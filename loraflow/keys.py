@@ -56,6 +56,7 @@ def eval_key(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: 
              evaluation: EvalConfig) -> str:
     code = code_sha("loraflow.evaluation.evaluate", "loraflow.evaluation.perplexity", "loraflow.evaluation.benchmarks",
                     "loraflow.evaluation.comparison", "loraflow.tiny.kobest",
+                    "loraflow.evaluation.heldout", "loraflow.evaluation.labels",
                     *MODEL_CODE)
     return sha_of(chat.key, trained.adapter_sha, pinned_model(model), quant, evaluation, code)[:16]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -9,33 +10,67 @@ from pydantic import Field, model_validator
 from loraflow.config.base import Section
 
 
+def template_columns(template: str) -> list[str]:
+    """The columns a `str.format` template names (`"의도: {text}"` -> ["text"])."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
 class FieldMapping(Section):
     """How a source's columns become chat `messages`.
 
-    Either `messages` names a column holding a list of {role, content} turns, or
-    `prompt` + `response` (and optionally `system`) name plain text columns.
+    Either `messages` names a column holding a list of {role, content} turns, or each side of a single-turn
+    chat comes from a column (`prompt`, `response`) or a `str.format` template over the row's columns
+    (`prompt_template: "다음 문의의 의도를 고르세요: {text}"`, `response_template: "{label}"`); `system` optionally
+    names a column. `label_names` maps the integer ids of `label_column` to names (for local files; a hub
+    dataset's `ClassLabel` columns are mapped by their own names).
     """
 
     messages: str | None = None
     prompt: str | None = None
     response: str | None = None
+    prompt_template: str | None = None
+    response_template: str | None = None
     system: str | None = None
     role_key: str = "role"
     content_key: str = "content"
+    label_column: str = "label"
+    label_names: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod
     def _one_shape(cls, raw: object) -> object:
         if not isinstance(raw, dict):
             return raw
-        pair = raw.get("prompt") is not None or raw.get("response") is not None
+        sides = {side: [raw.get(side) is not None, raw.get(f"{side}_template") is not None]
+                 for side in ("prompt", "response")}
+        for side, (column, template) in sides.items():
+            if column and template:
+                raise ValueError(f"set either `{side}` or `{side}_template`, not both")
+        pair = any(any(given) for given in sides.values())
         if raw.get("messages") is not None and pair:
-            raise ValueError("set either `messages` or `prompt`+`response`, not both")
-        if pair and (raw.get("prompt") is None or raw.get("response") is None):
-            raise ValueError("`prompt` and `response` must be set together")
+            raise ValueError("set either `messages` or `prompt`+`response` (or their templates), not both")
+        if pair and not all(any(given) for given in sides.values()):
+            raise ValueError("`prompt` and `response` must be set together (each side a column or its "
+                             "`_template`)")
+        for name in ("prompt_template", "response_template"):
+            if raw.get(name) is not None:
+                try:
+                    columns = template_columns(raw[name])
+                except ValueError as error:
+                    raise ValueError(f"`{name}` is not a str.format template: {error}") from None
+                if not columns:
+                    raise ValueError(f"`{name}` names no column (write them as {{column}})")
         if raw.get("messages") is None and not pair:
             return {**raw, "messages": "messages"}
         return raw
+
+    def columns(self) -> list[str]:
+        """Every column the mapping reads (checked against each file before any row is mapped)."""
+        if self.messages is not None:
+            return [self.messages]
+        names = [self.prompt, self.response, *template_columns(self.prompt_template or ""),
+                 *template_columns(self.response_template or "")]
+        return list(dict.fromkeys(name for name in names if name))
 
 
 class DataSource(Section):

@@ -34,9 +34,25 @@ class BenchmarkConfig(Section):
     log_samples: bool = True
 
 
+class HeldoutConfig(Section):
+    """The task's own metric: the assistant turn of each held-out row generated greedily and scored against the
+    reference, through an lm-eval `generate_until` task built from the split (loraflow/evaluation/heldout.py), in
+    process and, once served, through the router. Metrics `heldout/exact_match` always; `labels`: also accuracy,
+    macro-F1, per-class table, confusion matrix and the most confused pairs over the label set (every answer
+    of the train and held-out splits); `text`: also chrF."""
+
+    enabled: bool = False
+    kind: Literal["labels", "text"] = "labels"
+    max_rows: int | None = Field(default=None, gt=0)  # the first rows of the (hash-ordered) split: a fixed sample
+    max_new_tokens: int = Field(default=32, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    top_confused: int = Field(default=10, gt=0)
+
+
 class EvalConfig(Section):
     perplexity: PerplexityConfig = PerplexityConfig()
     benchmarks: BenchmarkConfig = BenchmarkConfig()
+    heldout: HeldoutConfig = HeldoutConfig()
     # `serving`: base and tuned are measured as vLLM serves them (the base in model.dtype, not 4-bit, plus the
     # adapter): the promotion gate judges what will answer. `training`: as trained (the 4-bit base for QLoRA), for a
     # GPU that cannot hold the 16-bit base (a 7B base in bf16 needs ~15 GB).

@@ -15,6 +15,8 @@ class Requirement(Section):
 
     metric: str = Field(min_length=1)
     higher_is_better: bool = True
+    # An absolute bound on the tuned score, in its better direction (`heldout/accuracy` >= 0.90). None: no bound.
+    min_value: float | None = None
     min_gain_over_base: float | None = 0.0
     min_gain_over_champion: float | None = 0.0
     # How many standard errors of the difference a gain may fall short of its minimum: lm-eval reports each

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 
-from loraflow.config.data import DataConfig, DataSource, FieldMapping
+from loraflow.config.data import DataConfig, DataSource, FieldMapping, template_columns
 from loraflow.data.sources import SourceFingerprint, cached_snapshot, dataset_manifest, file_format, source_fingerprint
 from loraflow.hashing import sha_of
 from loraflow.outputs import write_json
@@ -65,14 +65,26 @@ def load_hub(source: DataSource, revision: str) -> Dataset:
     return load_dataset(str(snapshot), name=source.subset, split=source.split)
 
 
-def read_rows(source: DataSource, fingerprint: SourceFingerprint) -> Iterator[tuple[str, int, Any]]:
+def _named_rows(loaded: Dataset, labels: dict[str, list[str]]) -> Iterator[dict[str, Any]]:
+    """The rows with each `ClassLabel` column's ids replaced by its names (Banking77's `label`: 11 ->
+    `card_arrival`): a model trained on the ids would answer `11`. The names go into `labels`."""
+    names = {column: feature.names for column, feature in loaded.features.items() if isinstance(feature, ClassLabel)}
+    labels.update(names)
+    for row in loaded:
+        yield {**row, **{column: names[column][row[column]] for column in names if row[column] is not None}}
+
+
+def read_rows(source: DataSource, fingerprint: SourceFingerprint,
+              labels: dict[str, list[str]] | None = None) -> Iterator[tuple[str, int, Any]]:
     """(file, row number, raw row) of the files the fingerprint names, in its (sorted) order; for a hub source the
     "file" is the split. JSON lines are parsed one by one so that a broken line is a rejected row, not a crashed
-    load; other formats go through `datasets.load_dataset` (the same call as hub datasets)."""
+    load; other formats go through `datasets.load_dataset` (the same call as hub datasets), with `ClassLabel`
+    columns as names (recorded in `labels`)."""
+    labels = {} if labels is None else labels
     if fingerprint.kind == "hub":
         assert fingerprint.revision is not None
         split = fingerprint.files[0].path
-        for number, row in enumerate(load_hub(source, fingerprint.revision), start=1):
+        for number, row in enumerate(_named_rows(load_hub(source, fingerprint.revision), labels), start=1):
             yield split, number, row
         return
     root = Path(fingerprint.root or ".")
@@ -91,7 +103,7 @@ def read_rows(source: DataSource, fingerprint: SourceFingerprint) -> Iterator[tu
             continue
         # Each file with its own builder: a directory may mix formats whose columns datasets cannot merge.
         loaded = load_dataset(fmt, data_files=str(file), split="train")
-        for number, row in enumerate(loaded, start=1):
+        for number, row in enumerate(_named_rows(loaded, labels), start=1):
             yield entry.path, number, row
 
 
@@ -111,17 +123,43 @@ def to_messages(raw: Any, fields: FieldMapping) -> Any:
                 raise ValueError("a turn is not an object")
             out.append({"role": turn.get(fields.role_key), "content": turn.get(fields.content_key)})
         return out
-    missing = [name for name in (fields.prompt, fields.response) if name not in raw]
+    missing = [name for name in fields.columns() if name not in raw]
     if missing:
-        raise ValueError(f"missing field(s) {missing}")
+        raise ValueError(f"missing field(s) {missing}; the row's columns are {sorted(raw)}")
+    row = _with_label_names(raw, fields)
     messages = []
     if fields.system is not None and raw.get(fields.system):
         messages.append({"role": "system", "content": raw[fields.system]})
     messages += [
-        {"role": "user", "content": raw[fields.prompt]},
-        {"role": "assistant", "content": raw[fields.response]},
+        {"role": "user", "content": _side(row, fields.prompt, fields.prompt_template)},
+        {"role": "assistant", "content": _side(row, fields.response, fields.response_template)},
     ]
     return messages
+
+
+def _with_label_names(raw: dict[str, Any], fields: FieldMapping) -> dict[str, Any]:
+    """`label_names` applied to the row's `label_column` id (local files; hub ClassLabels are already names)."""
+    names, column = fields.label_names, fields.label_column
+    if names is None or isinstance(raw.get(column), str):
+        return raw
+    value = raw.get(column)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(names):
+        raise ValueError(f"{column} {value!r} is not an id of label_names (0..{len(names) - 1})")
+    return {**raw, column: names[value]}
+
+
+def _side(row: dict[str, Any], column: str | None, template: str | None) -> Any:
+    return template.format(**row) if template is not None else row[column]
+
+
+def check_columns(fields: FieldMapping, row: dict[str, Any], where: str, file: str) -> None:
+    """A template that names a column the file does not have fails the step at once (not row by row)."""
+    for name in ("prompt_template", "response_template"):
+        template = getattr(fields, name)
+        for column in template_columns(template) if template else []:
+            if column not in row:
+                raise DatasetError(f"{where}.fields.{name} names column {column!r}, which {file} does not have "
+                                   f"(columns: {', '.join(row)})")
 
 
 def validate_messages(messages: Messages, max_chars: int) -> str | None:
@@ -164,16 +202,23 @@ def build_dataset(data: DataConfig, out_dir: Path, key: str) -> DatasetResult:
     seen: set[str] = set()
     per_source: dict[str, Counter] = {}
     per_file: Counter = Counter()
+    labels: dict[str, list[str]] = {}
     # Fingerprinted once here and read from: the files and commits recorded are exactly those loaded.
     fingerprints = [source_fingerprint(s, i) for i, s in enumerate(data.sources)]
     for index, (source, fingerprint) in enumerate(zip(data.sources, fingerprints, strict=True)):
         counts: Counter = Counter()
         per_source[source.label] = counts
-        for file, number, raw in read_rows(source, fingerprint):
+        if source.fields.label_names is not None:
+            labels[source.fields.label_column] = list(source.fields.label_names)
+        checked: set[str] = set()
+        for file, number, raw in read_rows(source, fingerprint, labels):
             if source.limit is not None and counts["read"] >= source.limit:
                 break
             counts["read"] += 1
             per_file[(index, file)] += 1
+            if file not in checked and isinstance(raw, dict):
+                check_columns(source.fields, raw, f"data.sources[{index}]", _file_label(source, fingerprint, file))
+                checked.add(file)
             try:
                 if isinstance(raw, Exception):
                     raise raw
@@ -225,6 +270,7 @@ def build_dataset(data: DataConfig, out_dir: Path, key: str) -> DatasetResult:
         "rejected_rows": len(rejected),
         "rejection_reasons": dict(Counter(_reason_kind(r["reason"]) for r in rejected)),
         "sources": {label: dict(c) for label, c in per_source.items()},
+        "labels": labels,  # label column -> names (ClassLabel or label_names): the label set of this version
         "manifest": manifest,
     }
     write_json(out_dir / "stats.json", stats)
@@ -233,6 +279,14 @@ def build_dataset(data: DataConfig, out_dir: Path, key: str) -> DatasetResult:
     log.info("dataset: %d train, %d eval, %d rejected (see %s)", len(train_rows), len(eval_rows),
              len(rejected), out_dir / "rejected.jsonl")
     return DatasetResult(key=key, path=str(out_dir), dataset_sha=dataset_sha, stats=stats)
+
+
+def _file_label(source: DataSource, fingerprint: SourceFingerprint, file: str) -> str:
+    """A file as the user wrote it (data/x.csv), or the hub dataset and split."""
+    if fingerprint.kind == "hub":
+        return f"{source.label} split {file}"
+    path = Path(fingerprint.root or ".").resolve() / file
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def _reason_kind(reason: str) -> str:

@@ -41,6 +41,7 @@ class BenchmarkRun(BaseModel):
     results_file: str
     samples_file: str | None
     seconds: float
+    extra_files: list[str] = []  # what a caller derived from the samples (the held-out confusion matrix)
 
 
 def resolve_include_path(include_path: str | None) -> str | None:
@@ -109,8 +110,9 @@ def flatten_results(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def run_lm(lm: Any, bench: BenchmarkConfig, out_dir: Path, label: str) -> BenchmarkRun:
-    """The configured tasks on any lm-eval model (in-process, or an API model such as `local-completions`)."""
+def run_lm(lm: Any, bench: BenchmarkConfig, out_dir: Path, label: str, bootstrap_iters: int = 100000) -> BenchmarkRun:
+    """The configured tasks on any lm-eval model (in-process, or an API model such as `local-completions`).
+    `bootstrap_iters`: lm-eval's draws for the standard error of a corpus-level metric (chrF)."""
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable
 
@@ -122,6 +124,7 @@ def run_lm(lm: Any, bench: BenchmarkConfig, out_dir: Path, label: str) -> Benchm
         num_fewshot=bench.num_fewshot,
         limit=bench.limit,
         log_samples=bench.log_samples,
+        bootstrap_iters=bootstrap_iters,
         task_manager=task_manager_for(bench.tasks, include_path),
     )
     seconds = time.perf_counter() - started
@@ -148,7 +151,11 @@ def run_benchmarks(model: torch.nn.Module, tokenizer: Any, bench: BenchmarkConfi
                    label: str) -> BenchmarkRun:
     """Run the configured tasks on an in-process model (a transformers model or a PEFT model over one).
     `label` (e.g. `base`, `tuned`) names the output files."""
+    return run_lm(in_process_lm(model, tokenizer, bench.batch_size), bench, out_dir, label)
+
+
+def in_process_lm(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> Any:
+    """lm-eval's `HFLM` over an already-loaded model (base or PEFT)."""
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bench.batch_size)
-    return run_lm(lm, bench, out_dir, label)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

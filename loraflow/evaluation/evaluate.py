@@ -15,7 +15,7 @@ from loraflow.bases import load_tokenizer
 from loraflow.config.evaluation import EvalConfig
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
-from loraflow.evaluation import benchmarks
+from loraflow.evaluation import benchmarks, heldout
 from loraflow.evaluation.comparison import TABLE_FILE, write_comparison
 from loraflow.evaluation.perplexity import assistant_perplexity
 from loraflow.outputs import write_json
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def _measure(label: str, measured, held_out, tokenizer, evaluation: EvalConfig, out_dir: Path,
-             metrics: dict[str, float], files: list[str]) -> None:
-    """Adds `<label>/...` metrics (perplexity, benchmarks) of one model."""
+             metrics: dict[str, float], files: list[str], task_dir: Path | None) -> None:
+    """Adds `<label>/...` metrics (perplexity, benchmarks, the held-out task) of one model."""
     if evaluation.perplexity.enabled:
         scores = assistant_perplexity(measured, held_out, pad_id=tokenizer.pad_token_id,
                                       batch_size=evaluation.perplexity.batch_size,
@@ -40,6 +40,12 @@ def _measure(label: str, measured, held_out, tokenizer, evaluation: EvalConfig, 
         metrics.update({f"{label}/{name}": value for name, value in run.metrics.items()})
         metrics[f"eval/{label}_benchmark_seconds"] = run.seconds
         files += [f for f in (run.results_file, run.samples_file) if f]
+    if task_dir is not None:
+        lm = benchmarks.in_process_lm(measured, tokenizer, evaluation.heldout.batch_size)
+        run = heldout.run_heldout(lm, evaluation.heldout, task_dir, out_dir / "heldout", label)
+        metrics.update({f"{label}/{name}": value for name, value in run.metrics.items()})
+        metrics[f"eval/{label}_heldout_seconds"] = run.seconds
+        files += [f for f in (run.results_file, run.samples_file, *run.extra_files) if f]
 
 
 def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: QuantizationConfig,
@@ -51,10 +57,17 @@ def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: 
     # Serving precision by default: the gate must judge the model vLLM serves (the 16-bit base + adapter), not the
     # 4-bit training view; on tiny-ko v1 the two differ by a few items (copa 0.633 vs 0.650). The base is measured
     # first: wrapping it with the adapter modifies it in place. The run's params record it (`eval.precision`).
+    task_dir = None
+    if evaluation.heldout.enabled:
+        rows = heldout.heldout_rows(chat.tokenized_dir, tokenizer, evaluation.heldout.max_rows)
+        labels = heldout.label_set(chat.tokenized_dir, tokenizer) if evaluation.heldout.kind == "labels" else None
+        task_dir = heldout.write_task(rows, labels, evaluation.heldout, out_dir)
+        metrics["eval/heldout_rows"] = float(len(rows))
+        files += [str(task_dir / heldout.ROWS_FILE), str(task_dir / heldout.LABELS_FILE)]
     base = load_base_model(model, quant, quantized=evaluation.precision == "training")
-    _measure("base", base, held_out, tokenizer, evaluation, out_dir, metrics, files)
+    _measure("base", base, held_out, tokenizer, evaluation, out_dir, metrics, files, task_dir)
     tuned = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
-    _measure("tuned", tuned, held_out, tokenizer, evaluation, out_dir, metrics, files)
+    _measure("tuned", tuned, held_out, tokenizer, evaluation, out_dir, metrics, files, task_dir)
     write_json(out_dir / "metrics.json", metrics)
     artifacts = [str(out_dir / "metrics.json"), *files, *(str(p) for p in write_comparison(metrics, out_dir))]
     log.info("evaluate:\n%s", (out_dir / TABLE_FILE).read_text())

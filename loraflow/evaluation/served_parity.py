@@ -9,6 +9,7 @@ Logged on the version's run: `served/<task>/<metric>` (and `_stderr`), tags `ser
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from loraflow.bases import resolve_base
 from loraflow.config.job import JobConfig
-from loraflow.evaluation import benchmarks
+from loraflow.evaluation import benchmarks, heldout
 from loraflow.hashing import sha_of
 from loraflow.registry.client import client_for
 from loraflow.results import RegisteredVersion
@@ -69,7 +70,7 @@ class ParityReport(BaseModel):
 def parity_key(job: JobConfig) -> str:
     """What the check depends on besides the version: how it is served and what is measured."""
     serving = job.serving.model_dump(mode="json", exclude={"port", "vllm_port", "host", "startup_timeout_s"})
-    return sha_of(serving, job.eval.benchmarks.model_dump(mode="json"))[:16]
+    return sha_of(serving, job.eval.benchmarks.model_dump(mode="json"), job.eval.heldout.model_dump(mode="json"))[:16]
 
 
 def compare(served: dict[str, float], registered: dict[str, float], stderr_multiple: float) -> list[MetricParity]:
@@ -88,6 +89,15 @@ def compare(served: dict[str, float], registered: dict[str, float], stderr_multi
         compared.append(MetricParity(metric=name, served=value, registered=registered[f"{TUNED}/{name}"],
                                      tolerance=stderr_multiple * task_stderr.get(name.split("/", 1)[0], 0.0)))
     return compared
+
+
+def _served_heldout(client: Any, run_id: str, lm: Any, job: JobConfig, scratch: Path) -> benchmarks.BenchmarkRun:
+    """The held-out task on the very rows (and label set) the version was judged on, from its run's artifacts."""
+    registered = Path(client.download_artifacts(run_id, f"eval/{heldout.ROWS_FILE}", str(scratch))).parent
+    client.download_artifacts(run_id, f"eval/{heldout.LABELS_FILE}", str(scratch))
+    rows = [json.loads(line) for line in (registered / heldout.ROWS_FILE).read_text(encoding="utf-8").splitlines()]
+    task_dir = heldout.write_task(rows, heldout.read_task_labels(registered), job.eval.heldout, scratch)
+    return heldout.run_heldout(lm, job.eval.heldout, task_dir, scratch, SERVED)
 
 
 def served_model_args(job: JobConfig, served_name: str, router_url: str, api_key: str | None) -> dict[str, Any]:
@@ -112,7 +122,7 @@ def check_served_parity(job: JobConfig, version: RegisteredVersion, router_url: 
     benchmark tasks, or the check is off) or this version was checked under the same serving set-up (unless
     `force`)."""
     bench = job.eval.benchmarks
-    if not bench.tasks or not job.serving.parity.enabled:
+    if not (bench.tasks or job.eval.heldout.enabled) or not job.serving.parity.enabled:
         return None
     client = client_for(job.registry)
     key = parity_key(job)
@@ -125,17 +135,27 @@ def check_served_parity(job: JobConfig, version: RegisteredVersion, router_url: 
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     lm = LocalCompletionsAPI(**served_model_args(job, served_name, router_url, api_key))
+    scores: dict[str, float] = {}
+    seconds = 0.0
     with tempfile.TemporaryDirectory() as scratch:
-        run = benchmarks.run_lm(lm, bench.model_copy(update={"limit": limit}), Path(scratch), SERVED)
-        client.log_artifact(version.run_id, run.results_file, "eval/served")
+        runs = []
+        if bench.tasks:
+            runs.append(benchmarks.run_lm(lm, bench.model_copy(update={"limit": limit}), Path(scratch), SERVED))
+        if job.eval.heldout.enabled:
+            runs.append(_served_heldout(client, version.run_id, lm, job, Path(scratch)))
+        for run in runs:
+            for file in (run.results_file, *run.extra_files):
+                client.log_artifact(version.run_id, file, "eval/served")
+            scores.update(run.metrics)
+            seconds += run.seconds
     now_ms = int(time.time() * 1000)  # the latest check is the one the run shows
-    metrics = [Metric(f"{SERVED}/{name}", value, now_ms, 0) for name, value in run.metrics.items()]
+    metrics = [Metric(f"{SERVED}/{name}", value, now_ms, 0) for name, value in scores.items()]
     client.log_batch(version.run_id, metrics=metrics)
 
     registered = client.get_run(version.run_id).data.metrics
-    compared = compare(run.metrics, registered, job.serving.parity.stderr_multiple)
+    compared = compare(scores, registered, job.serving.parity.stderr_multiple)
     report = ParityReport(served_name=served_name, passed=all(m.within for m in compared) and bool(compared),
-                          metrics=compared, limit=limit, seconds=run.seconds)
+                          metrics=compared, limit=limit, seconds=seconds)
     verdict = "passed" if report.passed else "failed"
     detail = report.detail() or "no served metric matches a registered tuned/ metric"
     # Version tags show on the version's page in the MLflow UI; MLflow caps a tag value at 5000 characters.
@@ -143,5 +163,5 @@ def check_served_parity(job: JobConfig, version: RegisteredVersion, router_url: 
         client.set_model_version_tag(version.model_name, version.version, tag, value)
     client.set_tag(version.run_id, PARITY_TAG, verdict)
     level = logging.INFO if report.passed else logging.WARNING
-    log.log(level, "served parity of %s: %s in %.1f s: %s", served_name, verdict, run.seconds, detail)
+    log.log(level, "served parity of %s: %s in %.1f s: %s", served_name, verdict, seconds, detail)
     return report

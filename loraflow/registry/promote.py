@@ -58,6 +58,9 @@ def judge(policy: PromotionConfig, metrics: dict[str, float], champion: dict[str
             check(False, f"tuned/{req.metric} was not measured")
             continue
         sign = 1.0 if req.higher_is_better else -1.0
+        if req.min_value is not None:
+            bound = ">=" if req.higher_is_better else "<="
+            check(sign * (tuned - req.min_value) >= -EPSILON, f"{req.metric} {tuned:.4g} {bound} {req.min_value:g}")
         tuned_se = metrics.get(f"tuned/{req.metric}_stderr", 0.0)
         sides = [("base", metrics.get(f"base/{req.metric}"), metrics.get(f"base/{req.metric}_stderr", 0.0),
                   req.min_gain_over_base)]

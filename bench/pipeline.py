@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fixtures.basics import share_built_models  # noqa: E402
+from loraflow.tiny.shared_models import share_built_models  # noqa: E402
 
 COMMAND = [str(ROOT / ".venv" / "bin" / "loraflow"), "run", "configs/tiny-ko.yaml", "--set", "serving.enabled=false"]
 

@@ -27,12 +27,14 @@ from loraflow.env import configure_environment  # noqa: E402
 
 configure_environment()
 
-from loraflow.localstack.stack import Stack  # noqa: E402
+from loraflow.config.lora import ALL_LINEAR  # noqa: E402
+from loraflow.localstack.running import TINY_KO, RunningStack, set_alias_like_the_ui, stable_root, stack_record  # noqa: E402
+from loraflow.process import free_port, wait_for  # noqa: E402
 from loraflow.registry.client import client_at  # noqa: E402
 from loraflow.serving.names import versioned_name  # noqa: E402
+from loraflow.tiny.adapters import AdapterRegistry, make_adapter  # noqa: E402
 from loraflow.tiny.base import tiny_ko_dir  # noqa: E402
-from tests.fixtures import ALL_LINEAR, RegistryFixture, RunningStack, free_port, make_adapter, share_built_models  # noqa: E402
-from tests.test_promotion_path import MODEL, set_alias_like_the_ui, stable_root, stack_record, wait_for  # noqa: E402
+from loraflow.tiny.shared_models import share_built_models  # noqa: E402
 
 
 def main() -> int:
@@ -42,15 +44,12 @@ def main() -> int:
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="loraflow-bench-stack-"))
     share_built_models(home)
-    stack = Stack(home=home, prefect_port=free_port(), mlflow_port=free_port(), webhook_port=free_port())
-    env = {**os.environ, "LORAFLOW_HOME": str(home), "LORAFLOW_PREFECT_PORT": str(stack.prefect_port),
-           "LORAFLOW_MLFLOW_PORT": str(stack.mlflow_port), "LORAFLOW_WEBHOOK_PORT": str(stack.webhook_port),
-           "HOME": str(home / "user-home"), **stack.client_env()}
-    running = RunningStack(stack, env, {})
+    running = RunningStack.on_free_ports(home)
+    stack = running.stack
     try:
         running.up()
         experiment = client_at(stack.mlflow_url).create_experiment("bench-promotion")
-        registry = RegistryFixture(stack.mlflow_url, MODEL, experiment)
+        registry = AdapterRegistry(stack.mlflow_url, TINY_KO, experiment)
         versions = [registry.register(make_adapter(tiny_ko_dir(), home / f"adapter-{seed}", r=8, targets=ALL_LINEAR,
                                                    seed=seed)) for seed in (31, 32)]
         overrides = json.dumps({"serving.port": free_port(), "serving.vllm_port": free_port()})
@@ -61,7 +60,7 @@ def main() -> int:
             target = versions[move % 2]
             started = time.monotonic()
             set_alias_like_the_ui(running, target)
-            wait_for(lambda t=target: stable_root(router) == versioned_name(MODEL, t), 300)
+            wait_for(lambda t=target: stable_root(router) == versioned_name(TINY_KO, t), 300)
             seconds.append(round(time.monotonic() - started, 2))
             print(f"move {move + 1}: champion -> v{target}: {seconds[-1]:.1f} s", flush=True)
     finally:

@@ -32,13 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loraflow.config import load_config  # noqa: E402
+from loraflow.config.lora import ALL_LINEAR  # noqa: E402
 from loraflow.config.model import ModelConfig  # noqa: E402
 from loraflow.config.serving import MergeConfig  # noqa: E402
+from loraflow.process import free_port  # noqa: E402
 from loraflow.serving.vllm_server import VllmLaunch, adapter_rank, vllm_lora_rank, vllm_process  # noqa: E402
 from loraflow.templates import load_template  # noqa: E402
+from loraflow.tiny.adapters import make_adapter  # noqa: E402
 from loraflow.tiny.base import tiny_ko_dir  # noqa: E402
 from loraflow.training.merge import merge_adapter  # noqa: E402
-from tests.fixtures import ALL_LINEAR, free_port, make_adapter  # noqa: E402
 
 CONCURRENCY = 32
 PROMPTS = [f"대한민국 헌법 제{i}조의 내용을 설명해 주세요." for i in range(1, CONCURRENCY + 1)]

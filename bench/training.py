@@ -32,7 +32,7 @@ def _prepared(overrides: dict[str, Any]):
     from loraflow.config import load_config
     from loraflow.data.build_dataset import build_dataset
     from loraflow.data.format_chat import format_chat
-    from loraflow.keys import chat_key, dataset_key
+    from loraflow.data.keys import chat_key, dataset_key
     from loraflow.outputs import run_step
     from loraflow.results import ChatResult, DatasetResult
 
@@ -50,7 +50,7 @@ def run_variant(variant: str, epochs: float, extra: dict[str, Any]) -> dict[str,
     from peft import PeftModel
     from trl import SFTTrainer
 
-    from loraflow.bases import load_tokenizer
+    from loraflow.base.load import load_tokenizer
     from loraflow.evaluation.perplexity import assistant_perplexity
     from loraflow.training.models import load_base_model
     from loraflow.training.train import peak_rss_mb, peft_config, sft_config, train_adapter

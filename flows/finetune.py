@@ -31,16 +31,16 @@ def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | N
     """Fine-tune the job's base model with (Q)LoRA, evaluate base vs tuned, register and gate the adapter, then
     merge and serve it as the config says, and check that the served version scores what was judged. `overrides`
     are dotted config fields (`{"training.learning_rate": 1e-4}`), validated with the config before any work."""
-    job = validated_job(config, overrides)
+    job, data = validated_job(config, overrides)  # every moving reference pinned once, here
     get_run_logger().info("job %s: base %s, %d data source(s)", job.name, job.model.base, len(job.data.sources))
 
-    dataset = build_dataset(job.data)
+    dataset = build_dataset(data)
     chat = format_chat(dataset, job.model, job.training)
     trained = train(chat, job.model, job.lora, job.quantization, job.training, job.registry, job.name)
     evaluated = evaluate(chat, trained, job.model, job.quantization, job.eval)
     version = register(job, config, dataset, chat, trained, evaluated)
     decision = promote(job, version, evaluated)
-    merged = merge(job, trained, version)
+    merged = merge(job, trained, version, decision)  # only a version this decision made champion
     served = deploy(job)
     parity = served_parity(job, version, served)
 

@@ -8,7 +8,10 @@ Each subcommand is a small typed function over the plain functions of the stages
     loraflow serve configs/tiny-ko.yaml [--stop]   reconcile vLLM with the registry's aliases now
     loraflow promote tiny-ko 3 | rollback tiny-ko 2 | versions tiny-ko
     loraflow plan configs/qwen-ko.yaml [--json]    parameters and memory per mode, offline
+    loraflow schema [--output configs/schema.json] the job config's JSON Schema (field help for editors)
     loraflow ask configs/tiny-ko.yaml "질문"        the served champion through the openai client
+    loraflow merge configs/qwen-ko.yaml --version 3  merge a version promoted by hand (the flow merges champions)
+    loraflow check-gpu                             bitsandbytes' CUDA kernels quantize on this GPU (the image's check)
 """
 
 from __future__ import annotations
@@ -183,6 +186,36 @@ def ask(config: str, prompt: str | None, max_tokens: int) -> int:
     return 0
 
 
+def schema(output: str | None) -> int:
+    from loraflow.config.schema import job_schema_text
+
+    text = job_schema_text()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        with open(output, "w", encoding="utf-8") as file:
+            file.write(text)
+    return 0
+
+
+def merge(config: str, version: str) -> int:
+    """The flow's merge step for a version the flow did not merge (a challenger a person made champion)."""
+    from loraflow.training.merge import merge_version
+
+    job = load_config(config)
+    merged = merge_version(job, version, paths.sub("merge-adapters", job.registry.model_name))
+    print(f"{job.registry.model_name} v{version}: merged into {merged.merged_dir} ({merged.dtype}, max |logit diff| "
+          f"{merged.max_abs_logit_diff:.3g}), attached to the version's run as `merged/`")
+    return 0
+
+
+def check_gpu() -> int:
+    from loraflow.training.device import check_bitsandbytes_cuda
+
+    print(f"bitsandbytes NF4 quantize/dequantize on CUDA: relative error {check_bitsandbytes_cuda():.3f}: ok")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraflow", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -229,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_arg(sub)
     sub.add_argument("prompt", nargs="?", default=None)
     sub.add_argument("--max-tokens", type=int, default=64)
+    sub = command("merge", merge, "merge a registered version's adapter into its base and attach it to its run")
+    config_arg(sub)
+    sub.add_argument("--version", required=True, help="the registered model version to merge")
+    command("check-gpu", check_gpu, "bitsandbytes' CUDA library loads and NF4-quantizes on this GPU")
+    sub = command("schema", schema, "print the job config's JSON Schema (every field with its description)")
+    sub.add_argument("--output", default=None, metavar="FILE", help="write it here instead (configs/schema.json)")
     return parser
 
 

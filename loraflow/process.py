@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,23 @@ STOP_GRACE_S = 20.0
 
 class ProcessFailed(LoraflowError):
     """The process exited, never became healthy, or could not be stopped; the message says why."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS's pick), for a server started next."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(check: Callable[[], bool], timeout: float) -> float:
+    """Poll `check` every second until it holds; the seconds that took. Fails (AssertionError, as a test or a bench
+    wants it) when it does not hold within `timeout`."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, f"not within {timeout} s"
+        time.sleep(1)
+    return time.monotonic() - started
 
 
 def log_tail(log_file: Path, lines: int = 40) -> str:

@@ -1,7 +1,8 @@
 from prefect import task
 
 from loraflow.config.data import DataConfig
-from loraflow.keys import dataset_key
+from loraflow.data.keys import dataset_key
+from loraflow.data.sources import PinnedData, as_pinned
 from loraflow.outputs import run_step
 from loraflow.results import DatasetResult
 from tasks.prefect_glue import retry_transient, step_cache
@@ -10,12 +11,15 @@ from tasks.prefect_glue import retry_transient, step_cache
 # Retries cover hub downloads; a bad local file fails the same way every time and is reported at once.
 @task(name="build_dataset", **step_cache("dataset", dataset_key),
       retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient)
-def build_dataset(data: DataConfig) -> DatasetResult:
-    key = dataset_key(data)
+def build_dataset(data: PinnedData | DataConfig) -> DatasetResult:
+    """`data` as the flow's pre-flight pinned it (tasks/validate.py): the key and the build read those very
+    fingerprints. A plain DataConfig (a task called outside the finetune flow) is pinned once here."""
+    pinned = as_pinned(data)
+    key = dataset_key(pinned)
 
     def produce(out):
         from loraflow.data.build_dataset import build_dataset as build
 
-        return build(data, out, key)
+        return build(pinned, out, key)
 
     return run_step("dataset", key, DatasetResult, produce)

@@ -3,7 +3,7 @@ from prefect import task
 from loraflow.config.evaluation import EvalConfig
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
-from loraflow.keys import eval_key
+from loraflow.evaluation.keys import eval_key
 from loraflow.outputs import run_step
 from loraflow.results import ChatResult, EvalResult, TrainResult
 from tasks.prefect_glue import accelerator, step_cache
@@ -16,8 +16,10 @@ def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: 
 
     def produce(out):
         from loraflow.evaluation.evaluate import evaluate as measure
+        from loraflow.training.device import released_device_memory
 
-        with accelerator():  # base and tuned models are loaded on the device: never beside a training
+        # Base and tuned models are loaded on the device: never beside a training; their memory is handed back.
+        with accelerator(), released_device_memory():
             return measure(chat, trained, model, quant, evaluation, out, key)
 
     return run_step("evaluate", key, EvalResult, produce)

@@ -2,7 +2,7 @@ from prefect import task
 
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
-from loraflow.keys import chat_key
+from loraflow.data.keys import chat_key
 from loraflow.outputs import run_step
 from loraflow.results import ChatResult, DatasetResult
 from tasks.prefect_glue import step_cache

@@ -6,10 +6,10 @@ from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.registry import RegistryConfig
 from loraflow.config.training import TrainingConfig
-from loraflow.keys import train_key
 from loraflow.outputs import run_step
 from loraflow.registry.client import tracking_uri
 from loraflow.results import ChatResult, TrainResult
+from loraflow.training.keys import train_key
 from tasks.prefect_glue import accelerator, retry_transient, step_cache
 
 
@@ -22,13 +22,15 @@ def train(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: Quant
     key = train_key(chat, model, lora, quant, training)
 
     def produce(out: Path) -> TrainResult:
+        from loraflow.training.device import released_device_memory
         from loraflow.training.live_metrics import Tracking
         from loraflow.training.train import train_adapter
 
         tracking = Tracking(uri=tracking_uri(registry), experiment=registry.experiment or job_name,
                             run_name=f"{job_name}-{key[:8]}")
-        # Only real training holds the accelerator slot: a finished result is returned without waiting for it.
-        with accelerator():
+        # Only real training holds the accelerator slot: a finished result is returned without waiting for it. The
+        # memory is handed back before the slot (evaluate, merge and vLLM follow in this process).
+        with accelerator(), released_device_memory():
             return train_adapter(chat, model, lora, quant, training, out, key, tracking)
 
     return run_step("train", key, TrainResult, produce)

@@ -12,7 +12,7 @@ import torch
 from lm_eval.tasks._yaml_loader import load_yaml
 from peft import PeftModel
 
-from loraflow.bases import load_tokenizer
+from loraflow.base.load import load_tokenizer
 from loraflow.config import ConfigError, load_config
 from loraflow.config.evaluation import BenchmarkConfig
 from loraflow.config.job import JobConfig

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from loraflow.bases import load_tokenizer
+from loraflow.base.load import load_tokenizer
 from loraflow.config.model import ModelConfig
 from loraflow.data.format_chat import END_OF_TURN, ChatFormatError, assistant_spans, tokenize_conversation
 

@@ -69,3 +69,23 @@ def test_field_mapping_requires_prompt_and_response_together():
         load_config(
             "configs/tiny-ko.yaml", {"data.sources": [{"path": "a.jsonl", "fields": {"prompt": "q"}}]}
         )
+
+
+def test_errors_quote_the_meaning_of_the_field():
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/tiny-ko.yaml", {"training.learning_rate": 0, "lora.target_modules": "q_proj",
+                                             "data.sources": [{"path": "a.jsonl", "limit": 0}], "lora.rank": 8})
+    lines = str(error.value).splitlines()
+    assert "  training.learning_rate: Input should be greater than 0 (got 0) -- The peak learning rate " \
+           "(after warm-up)." in lines
+    # Through a list index and pydantic's union-member tags, to the field's own description.
+    assert any(line.startswith("  data.sources.0.limit: Input should be greater than 0 (got 0) -- Read at most")
+               for line in lines), lines
+    assert any(line.startswith("  lora.target_modules.literal['all-linear']: ") and line.endswith(
+        "-- The module names that get an adapter, or `all-linear` (peft: every linear layer but the head).")
+        for line in lines), lines
+    # An unknown key and a section-wide rule have no field to describe.
+    assert "  lora.rank: unknown key (got 8)" in lines
+    with pytest.raises(ConfigError) as error:
+        load_config("configs/tiny-ko.yaml", {"serving.port": 8001})
+    assert str(error.value).splitlines()[-1] == "  serving: Value error, `port` (router) and `vllm_port` must differ"

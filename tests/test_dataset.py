@@ -7,7 +7,7 @@ from datasets import load_from_disk
 
 from loraflow.config.data import DataConfig
 from loraflow.data.build_dataset import DatasetError, build_dataset
-from loraflow.keys import dataset_key
+from loraflow.data.keys import dataset_key
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:

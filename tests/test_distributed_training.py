@@ -14,12 +14,13 @@ import psutil
 import pytest
 
 from loraflow.config import ConfigError, load_config
-from loraflow.keys import chat_key, dataset_key, train_key
+from loraflow.data.keys import chat_key, dataset_key
 from loraflow.outputs import load_result, run_step, step_dir
 from loraflow.process import alive
 from loraflow.registry.client import client_at
 from loraflow.results import ChatResult, DatasetResult, TrainResult
 from loraflow.training.distributed import WorkerFailed
+from loraflow.training.keys import train_key
 from loraflow.training.live_metrics import RUN_FILE, WORLD_SIZE_TAG, Tracking
 from loraflow.training.train import train_adapter
 from tests.fixtures import TINY_CONFIG, train_in_child

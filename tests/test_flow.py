@@ -3,6 +3,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow import MlflowClient
 from prefect import get_client
@@ -112,6 +113,7 @@ def test_changing_a_lora_field_retrains_but_reuses_dataset_and_chat(finetune_run
     assert changed["new_version"] and changed["version"] != finetune_run["version"]
 
 
+@pytest.mark.slow  # three runs of the real flow
 def test_a_directory_source_retrains_exactly_when_new_data_lands(tmp_path: Path, tiny_config) -> None:
     """Scheduled retraining on a folder that data lands in: an unchanged run is a cached no-op; a new file trains
     a new version, judged against the champion, whose lineage says which data changed."""

@@ -88,7 +88,7 @@ def test_qwen_ko_adapter_is_about_81_mb_of_bf16(qwen_plan: TrainingPlan):
     assert round(qwen_plan.adapter_bytes / 1e6) == 81
 
 
-def test_qwen_ko_memory_per_mode(qwen_plan: TrainingPlan):
+def test_qwen_ko_memory_per_mode(empty_hub: Path, qwen_plan: TrainingPlan):
     memory = qwen_plan.memory_gib
     for parts in memory.values():
         assert set(parts) == {"weights", "gradients", "optimizer", "activations", "total"}
@@ -105,12 +105,21 @@ def test_qwen_ko_memory_per_mode(qwen_plan: TrainingPlan):
     # 4 x 2048 tokens with checkpointing: 28 layer inputs + one recomputed layer + 4.6 GiB of fp32 logits
     assert 9 < memory["qlora_nf4"]["activations"] < 11
 
+    # qwen-ko serves on the training's GPU with gpu_memory_utilization 0.45: training gets 55% less the margin.
+    assert qwen_plan.serving_share == 0.45
+    assert qwen_plan.gpu_gib["H100 80 GB"] == pytest.approx(81559 / 1024 * 0.55 - 1, abs=0.01)  # 42.81
     fits = qwen_plan.fits
-    assert set(fits) == {"T4 16 GB", "A10 24 GB", "A100 80 GB", "H100 80 GB"}
-    assert not any("full_bf16_adamw" in modes for modes in fits.values())  # ~123 GiB: not on one 80 GB card
-    assert fits["A10 24 GB"] == ["qlora_nf4"]  # ~15.7 GiB
-    assert fits["T4 16 GB"] == []  # 15.7 GiB > 16 GB - 1 GiB margin at the configured 4 x 2048
-    assert fits["A100 80 GB"] == fits["H100 80 GB"] == ["lora_bf16", "qlora_nf4"]
+    assert set(fits) == {"T4 16 GB", "L4 24 GB", "A10 24 GB", "L40S 48 GB", "A100 80 GB", "H100 80 GB",
+                         "H200 141 GB"}
+    assert not any("full_bf16_adamw" in modes for modes in fits.values())  # ~123 GiB: not on one 141 GB card
+    # ~15.7 GiB of QLoRA: not in 55% of a 24 GB card (11.4 GiB), in 55% of an L40S (23.7 GiB)
+    assert fits["T4 16 GB"] == fits["L4 24 GB"] == fits["A10 24 GB"] == []
+    assert fits["L40S 48 GB"] == ["qlora_nf4"]
+    assert fits["A100 80 GB"] == fits["H100 80 GB"] == fits["H200 141 GB"] == ["lora_bf16", "qlora_nf4"]
+    # The same job without serving beside it gets the whole card less the margin: QLoRA fits a 24 GB card again.
+    alone = plan_job(qwen_job({"serving.enabled": False}))
+    assert alone.serving_share == 0 and alone.fits["A10 24 GB"] == alone.fits["L4 24 GB"] == ["qlora_nf4"]
+    assert alone.fits["T4 16 GB"] == []  # 15.7 GiB > 16 GB - 1 GiB margin at the configured 4 x 2048
 
 
 def test_plan_output_and_json_form(qwen_plan: TrainingPlan):

@@ -7,8 +7,6 @@ server, worker, MLflow server, receiver) and real vLLM; the tests run in file or
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +17,8 @@ from prefect.client.schemas.filters import FlowRunFilter
 from prefect.client.schemas.objects import StateType
 
 from loraflow.localstack.lifecycle import recorded_process
-from loraflow.process import stop_process
+from loraflow.localstack.running import set_alias_like_the_ui, stable_root, stack_record
+from loraflow.process import stop_process, wait_for
 from loraflow.registry.client import client_at
 from loraflow.serving.names import versioned_name
 from tests.fixtures import ALL_LINEAR, RegistryFixture, RunningStack, free_port, make_adapter
@@ -27,30 +26,6 @@ from tests.fixtures import ALL_LINEAR, RegistryFixture, RunningStack, free_port,
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny-ko"  # the model of configs/tiny-ko.yaml, whose serve deployment carries the trigger
-
-
-def stack_record(stack: RunningStack) -> dict:
-    return json.loads((stack.home / "serving" / MODEL / "stack.json").read_text())
-
-
-def stable_root(router: str) -> str | None:
-    try:
-        listing = httpx.get(f"{router}/v1/models", timeout=10).json()["data"]
-    except (httpx.HTTPError, KeyError, ValueError):
-        return None
-    return next((entry["root"] for entry in listing if entry["id"] == MODEL), None)
-
-
-def wait_for(check: Callable[[], bool], timeout: float) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"not within {timeout} s"
-        time.sleep(1)
-    return time.monotonic() - started
-
-
-def set_alias_like_the_ui(stack: RunningStack, version: str) -> None:
-    stack.mlflow("POST", "registered-models/alias", json={"name": MODEL, "alias": "champion", "version": version})
 
 
 @pytest.fixture(scope="module")

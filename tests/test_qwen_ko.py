@@ -1,6 +1,7 @@
 """The flagship job on a machine without a GPU: every argument the qwen-ko config builds for CUDA (training, 4-bit
 loading, merging, vLLM) is built here by the same code and asserted, without loading a weight. The GPU's one
-property the code asks about, bf16 support, is the only thing patched: no GPU exists here to answer it."""
+property the code asks about, its compute capability (bf16 from 8.0), is the only thing patched: no GPU exists here
+to answer it."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ import pytest
 import torch
 from trl import SFTConfig
 
-from loraflow.config import JobConfig, load_config
+from loraflow.config import ConfigError, JobConfig, load_config
 from loraflow.evaluation.served_parity import served_model_args
 from loraflow.registry.promote import judge
 from loraflow.serving.names import base_name
 from loraflow.serving.servers import max_lora_rank, served_dtype
 from loraflow.serving.urls import router_url
 from loraflow.serving.vllm_server import VllmLaunch, vllm_command
-from loraflow.training.models import bnb_config, dtype_for
+from loraflow.training.models import (
+    attn_implementation_for,
+    bnb_config,
+    dtype_for,
+    from_pretrained_kwargs,
+    has_bf16,
+    varlen_kernel_installed,
+)
 from loraflow.training.train import peft_config, sft_arguments
 
 SHA = "a09a35458c702b33eeacc393d103063234e8bc28"
@@ -30,12 +38,47 @@ def qwen() -> JobConfig:
 
 @pytest.fixture
 def bf16_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # an A100/H100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))  # an A100
 
 
 @pytest.fixture
 def t4(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+
+
+@pytest.mark.parametrize(("capability", "bf16"), [((7, 5), False), ((7, 0), False), ((8, 0), True), ((8, 6), True),
+                                                  ((8, 9), True), ((9, 0), True)])
+def test_bf16_is_decided_by_compute_capability(capability: tuple[int, int], bf16: bool) -> None:
+    # T4 7.5 and V100 7.0 emulate bf16 (torch.cuda.is_bf16_supported() says True on a T4); A100 8.0, A10 8.6,
+    # L4/L40S 8.9, H100/H200 9.0 have it.
+    assert has_bf16(capability) is bf16
+
+
+def test_from_pretrained_gets_4bit_bf16_on_gpu_0_with_a_varlen_kernel(qwen: JobConfig, bf16_gpu: None) -> None:
+    kwargs = from_pretrained_kwargs(qwen.model, qwen.quantization, padding_free=qwen.training.padding_free)
+    bnb = kwargs.pop("quantization_config")
+    assert bnb.load_in_4bit and bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    assert qwen.model.attn_implementation == "auto" and qwen.training.padding_free
+    assert kwargs == {"revision": "main", "dtype": torch.bfloat16, "device_map": {"": 0},
+                      "attn_implementation": "flash_attention_2" if varlen_kernel_installed() else "sdpa",
+                      "trust_remote_code": False}
+    # `auto`: the varlen kernel exactly when padding-free batches run on CUDA and a kernel is installed
+    assert attn_implementation_for(qwen.model, "cuda", padding_free=True, varlen_installed=True) == "flash_attention_2"
+    assert attn_implementation_for(qwen.model, "cuda", padding_free=True, varlen_installed=False) == "sdpa"
+    assert attn_implementation_for(qwen.model, "cuda", padding_free=False, varlen_installed=True) == "sdpa"
+    assert attn_implementation_for(qwen.model, "cpu", padding_free=True, varlen_installed=True) == "sdpa"
+    # evaluation loads full precision, padded batches: sdpa, no device map (moved after loading)
+    evaluation = from_pretrained_kwargs(qwen.model, qwen.quantization, quantized=False)
+    assert (evaluation["quantization_config"], evaluation["device_map"]) == (None, None)
+    assert evaluation["attn_implementation"] == "sdpa"
+
+
+def test_an_explicit_attention_kernel_is_passed_as_named_and_a_typo_is_refused(qwen: JobConfig) -> None:
+    for name in ("eager", "flash_attention_3", "kernels-community/flash-attn2", "kernels-community/flash-attn2@v1"):
+        model = qwen.model.model_copy(update={"attn_implementation": name})
+        assert attn_implementation_for(model, "cuda", padding_free=True, varlen_installed=False) == name
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation"):
+        load_config("configs/qwen-ko.yaml", {"model.attn_implementation": "flash-attention"})
 
 
 def test_sft_arguments_on_a_bf16_gpu(qwen: JobConfig, bf16_gpu: None, tmp_path: Path) -> None:

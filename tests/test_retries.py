@@ -8,6 +8,7 @@ from uuid import UUID
 
 import httpx
 import pandas as pd
+import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from prefect import flow, get_client
@@ -26,6 +27,7 @@ def dataset_flow(data: DataConfig) -> tuple[bool, str, UUID | None]:
     return state.is_failed(), str(state.result(raise_on_failure=False)), state.state_details.task_run_id
 
 
+@pytest.mark.slow  # a real Prefect flow run (Prefect's temporary server)
 def test_a_source_mapping_a_missing_column_fails_at_once_naming_the_files_columns(tmp_path: Path) -> None:
     source = tmp_path / "qa.csv"
     pd.DataFrame({"q": ["1+1?", "2+2?"], "a": ["2", "4"]}).to_csv(source, index=False)

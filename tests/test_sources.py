@@ -10,40 +10,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets.config
 import huggingface_hub.constants
 import pandas as pd
 import pytest
 from datasets import load_from_disk
 
+from loraflow.base.revision import resolve_model_revision
 from loraflow.config import load_config
 from loraflow.config.data import DataConfig
 from loraflow.config.model import ModelConfig
 from loraflow.data.build_dataset import build_dataset
-from loraflow.data.sources import (
-    RevisionError,
-    base_revision_tag,
-    changes_markdown,
-    data_changes,
-    resolve_model_revision,
-    source_fingerprint,
-    source_tags,
-)
-from loraflow.keys import chat_key, dataset_key, train_key
+from loraflow.data.keys import chat_key, dataset_key
+from loraflow.data.sources import source_fingerprint
+from loraflow.hub import RevisionError
+from loraflow.registry.lineage import base_revision_tag, changes_markdown, data_changes, source_tags
 from loraflow.results import ChatResult, DatasetResult
+from loraflow.training.keys import train_key
+from tests.fixtures.sources import SHA1, SHA2, chat_row, hub_rows, hub_snapshot, write_jsonl
 
+pytest_plugins = ["tests.fixtures.sources"]  # the `hub_cache` fixture
 REPO = Path(__file__).resolve().parent.parent
-SHA1, SHA2 = "1" * 40, "2" * 40
-
-
-def _chat(user: str, assistant: str) -> dict:
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
-
-
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def _build(tmp_path: Path, config: DataConfig, name: str = "out") -> tuple[DatasetResult, list[dict], list]:
@@ -60,17 +46,17 @@ def _build(tmp_path: Path, config: DataConfig, name: str = "out") -> tuple[Datas
 
 def test_directory_key_follows_file_contents_not_mtimes(tmp_path: Path):
     data = tmp_path / "data"
-    _jsonl(data / "a.jsonl", [_chat(f"a{i}", "x") for i in range(5)])
-    _jsonl(data / "b.jsonl", [_chat(f"b{i}", "x") for i in range(5)])
+    write_jsonl(data / "a.jsonl", [chat_row(f"a{i}", "x") for i in range(5)])
+    write_jsonl(data / "b.jsonl", [chat_row(f"b{i}", "x") for i in range(5)])
     config = DataConfig(sources=[{"path": str(data)}])
     k1 = dataset_key(config)
     os.utime(data / "a.jsonl", (1_000_000, 1_000_000))  # touched, same bytes
     (data / "README.md").write_text("not data")  # not a supported format
-    _jsonl(data / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [_chat("stale", "x")])  # hidden: skipped
+    write_jsonl(data / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [chat_row("stale", "x")])  # hidden: skipped
     assert dataset_key(config) == k1
-    _jsonl(data / "c.jsonl", [_chat("c0", "x")])
+    write_jsonl(data / "c.jsonl", [chat_row("c0", "x")])
     k2 = dataset_key(config)
-    _jsonl(data / "b.jsonl", [_chat(f"b{i}", "y") for i in range(5)])
+    write_jsonl(data / "b.jsonl", [chat_row(f"b{i}", "y") for i in range(5)])
     k3 = dataset_key(config)
     (data / "c.jsonl").unlink()
     k4 = dataset_key(config)
@@ -81,8 +67,8 @@ def test_directory_key_follows_file_contents_not_mtimes(tmp_path: Path):
 def test_directory_rows_from_every_file_and_format_land_in_the_dataset(tmp_path: Path):
     data = tmp_path / "data"
     fields = {"prompt": "instruction", "response": "output"}
-    _jsonl(data / "a.jsonl", [{"instruction": f"j{i}", "output": "x"} for i in range(4)] + [{"instruction": "q"}])
-    _jsonl(data / "nested" / "b.jsonl", [{"instruction": f"n{i}", "output": "x"} for i in range(3)])
+    write_jsonl(data / "a.jsonl", [{"instruction": f"j{i}", "output": "x"} for i in range(4)] + [{"instruction": "q"}])
+    write_jsonl(data / "nested" / "b.jsonl", [{"instruction": f"n{i}", "output": "x"} for i in range(3)])
     pd.DataFrame({"instruction": [f"c{i}" for i in range(3)], "output": ["x"] * 3}).to_csv(data / "c.csv", index=False)
     pd.DataFrame({"instruction": [f"p{i}" for i in range(2)], "output": ["x"] * 2}).to_parquet(data / "d.parquet")
     config = DataConfig(sources=[{"path": str(data), "fields": fields}])
@@ -100,22 +86,22 @@ def test_directory_rows_from_every_file_and_format_land_in_the_dataset(tmp_path:
 
 
 def test_format_applies_to_every_file_of_the_source(tmp_path: Path):
-    _jsonl(tmp_path / "data" / "a.json", [_chat(f"q{i}", "x") for i in range(4)])  # JSON lines named .json
+    write_jsonl(tmp_path / "data" / "a.json", [chat_row(f"q{i}", "x") for i in range(4)])  # JSON lines named .json
     _, _, prompts = _build(tmp_path, DataConfig(sources=[{"path": str(tmp_path / "data"), "format": "jsonl"}]))
     assert sorted(prompts) == [f"q{i}" for i in range(4)]
 
 
 def test_glob_source_reads_and_keys_its_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
-    _jsonl(tmp_path / "data" / "a.jsonl", [_chat(f"a{i}", "x") for i in range(3)])
-    _jsonl(tmp_path / "data" / "b.jsonl", [_chat(f"b{i}", "x") for i in range(3)])
-    _jsonl(tmp_path / "data" / "sub" / "c.jsonl", [_chat("c0", "x")])  # not matched by data/*.jsonl
+    write_jsonl(tmp_path / "data" / "a.jsonl", [chat_row(f"a{i}", "x") for i in range(3)])
+    write_jsonl(tmp_path / "data" / "b.jsonl", [chat_row(f"b{i}", "x") for i in range(3)])
+    write_jsonl(tmp_path / "data" / "sub" / "c.jsonl", [chat_row("c0", "x")])  # not matched by data/*.jsonl
     config = DataConfig(sources=[{"path": "data/*.jsonl"}])
     key = dataset_key(config)
     result, _, prompts = _build(tmp_path, config)
     assert sorted(prompts) == ["a0", "a1", "a2", "b0", "b1", "b2"]
     assert [e["path"] for e in result.manifest["files"]] == ["a.jsonl", "b.jsonl"]
-    _jsonl(tmp_path / "data" / "d.jsonl", [_chat("d0", "x")])
+    write_jsonl(tmp_path / "data" / "d.jsonl", [chat_row("d0", "x")])
     assert dataset_key(config) != key
     recursive = DataConfig(sources=[{"path": "data/**/*.jsonl"}])
     assert [e.path for e in source_fingerprint(recursive.sources[0]).files] == [
@@ -123,7 +109,7 @@ def test_glob_source_reads_and_keys_its_matches(tmp_path: Path, monkeypatch: pyt
 
 
 def test_an_empty_match_names_the_field_and_the_path(tmp_path: Path):
-    good = _jsonl(tmp_path / "good.jsonl", [_chat("q", "a")])
+    good = write_jsonl(tmp_path / "good.jsonl", [chat_row("q", "a")])
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no data here")
     with pytest.raises(FileNotFoundError, match=r"data\.sources\[1\]\.path: no jsonl/json/csv/parquet file in "
@@ -136,39 +122,8 @@ def test_an_empty_match_names_the_field_and_the_path(tmp_path: Path):
 # --- hub sources and bases, offline, through huggingface_hub's resolution -----------------------------------
 
 
-@pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An offline hub cache in tmp. huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE into `constants` at
-    import (resolve_revision and snapshot_download read those module attributes at call time), datasets copies
-    the offline flag into `datasets.config`: the env is set for subprocesses, the attributes for this process."""
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    for name, value in {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-def _snapshot(cache: Path, folder: str, sha: str, files: dict[str, str], ref: str | None = "main") -> None:
-    """The layout huggingface_hub writes: snapshots/<sha>/<files> and refs/<branch> holding the sha."""
-    repo = cache / folder
-    for name, text in files.items():
-        (repo / "snapshots" / sha / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / "snapshots" / sha / name).write_text(text, encoding="utf-8")
-    if ref is not None:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / ref).write_text(sha)
-
-
-def _rows(prefix: str, n: int) -> str:
-    return "".join(json.dumps({"instruction": f"{prefix}{i}", "output": "x"}) + "\n" for i in range(n))
-
-
 def test_hub_dataset_key_and_rows_follow_the_branch(tmp_path: Path, hub_cache: Path):
-    _snapshot(hub_cache, "datasets--org--name", SHA1, {"data.jsonl": _rows("old", 4)})
+    hub_snapshot(hub_cache, "datasets--org--name", SHA1, {"data.jsonl": hub_rows("old", 4)})
     config = DataConfig(sources=[{"hub_id": "org/name", "revision": "main",
                                   "fields": {"prompt": "instruction", "response": "output"}}])
     k1 = dataset_key(config)
@@ -177,7 +132,7 @@ def test_hub_dataset_key_and_rows_follow_the_branch(tmp_path: Path, hub_cache: P
     first, _, prompts = _build(tmp_path, config, "o1")
     assert sorted(prompts) == [f"old{i}" for i in range(4)]
 
-    _snapshot(hub_cache, "datasets--org--name", SHA2, {"data.jsonl": _rows("new", 6)})  # main moves
+    hub_snapshot(hub_cache, "datasets--org--name", SHA2, {"data.jsonl": hub_rows("new", 6)})  # main moves
     k2 = dataset_key(config)
     assert k2 != k1
     pinned = DataConfig(sources=[config.sources[0].model_dump() | {"revision": SHA2}])
@@ -201,7 +156,7 @@ def test_an_unresolvable_revision_names_the_field(hub_cache: Path):
 
 
 def test_hub_base_resolves_to_its_commit_in_keys_and_lineage(tmp_path: Path, hub_cache: Path):
-    _snapshot(hub_cache, "models--org--base", SHA1, {"config.json": "{}"})
+    hub_snapshot(hub_cache, "models--org--base", SHA1, {"config.json": "{}"})
     job = load_config(REPO / "configs" / "qwen-ko.yaml", {"model.base": "org/base", "model.revision": "main"})
     dataset = DatasetResult(key="d", path=str(tmp_path), dataset_sha="sha", stats={})
     chat = ChatResult(key="c", path=str(tmp_path), dataset_sha="sha", template_sha="t", stats={})
@@ -213,7 +168,7 @@ def test_hub_base_resolves_to_its_commit_in_keys_and_lineage(tmp_path: Path, hub
     before = keys()
     assert resolve_model_revision(job.model) == SHA1 == base_revision_tag(job.model)
     assert keys() == before
-    _snapshot(hub_cache, "models--org--base", SHA2, {"config.json": "{}"})
+    hub_snapshot(hub_cache, "models--org--base", SHA2, {"config.json": "{}"})
     assert resolve_model_revision(job.model) == SHA2 == base_revision_tag(job.model)
     after = keys()
     assert after[0] != before[0] and after[1] != before[1]
@@ -230,16 +185,16 @@ def test_embedded_and_local_bases_keep_their_configured_revision(tmp_path: Path)
 
 
 def test_computing_keys_loads_no_torch_transformers_or_datasets(tmp_path: Path, hub_cache: Path):
-    _snapshot(hub_cache, "datasets--org--name", SHA1, {"data.jsonl": _rows("q", 2)})
-    _snapshot(hub_cache, "models--org--base", SHA2, {"config.json": "{}"})
-    _jsonl(tmp_path / "data" / "a.jsonl", [_chat("q", "a")])
+    hub_snapshot(hub_cache, "datasets--org--name", SHA1, {"data.jsonl": hub_rows("q", 2)})
+    hub_snapshot(hub_cache, "models--org--base", SHA2, {"config.json": "{}"})
+    write_jsonl(tmp_path / "data" / "a.jsonl", [chat_row("q", "a")])
     script = f"""
 import sys
 from loraflow.config.data import DataConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
-from loraflow.data.sources import resolve_model_revision
-from loraflow.keys import chat_key, dataset_key
+from loraflow.base.revision import resolve_model_revision
+from loraflow.data.keys import chat_key, dataset_key
 from loraflow.results import DatasetResult
 data = DataConfig(sources=[{{"path": {str(tmp_path / "data")!r}}}, {{"hub_id": "org/name"}}])
 model = ModelConfig(base="org/base", revision="main")
@@ -258,14 +213,14 @@ print(sorted(m for m in ("torch", "transformers", "datasets") if m in sys.module
 
 def test_data_changes_lists_files_and_rows_since_an_earlier_build(tmp_path: Path):
     data = tmp_path / "data"
-    _jsonl(data / "keep.jsonl", [_chat(f"k{i}", "x") for i in range(3)])
-    _jsonl(data / "grow.jsonl", [_chat(f"g{i}", "x") for i in range(3)])
-    _jsonl(data / "gone.jsonl", [_chat(f"o{i}", "x") for i in range(2)])
+    write_jsonl(data / "keep.jsonl", [chat_row(f"k{i}", "x") for i in range(3)])
+    write_jsonl(data / "grow.jsonl", [chat_row(f"g{i}", "x") for i in range(3)])
+    write_jsonl(data / "gone.jsonl", [chat_row(f"o{i}", "x") for i in range(2)])
     config = DataConfig(sources=[{"path": str(data)}])
     champion, _, _ = _build(tmp_path, config, "o1")
     (data / "gone.jsonl").unlink()
-    _jsonl(data / "grow.jsonl", [_chat(f"g{i}", "x") for i in range(5)])
-    _jsonl(data / "new.jsonl", [_chat(f"n{i}", "x") for i in range(4)])
+    write_jsonl(data / "grow.jsonl", [chat_row(f"g{i}", "x") for i in range(5)])
+    write_jsonl(data / "new.jsonl", [chat_row(f"n{i}", "x") for i in range(4)])
     os.utime(data / "keep.jsonl", (1_000_000, 1_000_000))
     current, _, _ = _build(tmp_path, config, "o2")
 
@@ -287,8 +242,8 @@ def test_an_unreachable_hub_falls_back_to_the_cached_ref(hub_cache: Path, monkey
     exercised here: datasets downloads through URLs fixed at import and retries for ~25 s before giving up.)"""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")
-    _snapshot(hub_cache, "datasets--org--name", SHA1, {"data.jsonl": _rows("cached", 3)})
-    _snapshot(hub_cache, "models--org--base", SHA2, {"config.json": "{}"})
+    hub_snapshot(hub_cache, "datasets--org--name", SHA1, {"data.jsonl": hub_rows("cached", 3)})
+    hub_snapshot(hub_cache, "models--org--base", SHA2, {"config.json": "{}"})
     assert source_fingerprint(DataConfig(sources=[{"hub_id": "org/name"}]).sources[0]).revision == SHA1
     assert resolve_model_revision(ModelConfig(base="org/base")) == SHA2
 

@@ -11,10 +11,10 @@ from peft import PeftConfig
 from loraflow.config import load_config
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
-from loraflow.keys import train_key
 from loraflow.outputs import run_step, step_dir
 from loraflow.registry.client import client_at
 from loraflow.results import TrainResult
+from loraflow.training.keys import train_key
 from loraflow.training.live_metrics import RUN_FILE, Tracking
 from loraflow.training.models import load_base_model
 from loraflow.training.train import train_adapter

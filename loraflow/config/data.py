@@ -25,16 +25,21 @@ class FieldMapping(Section):
     dataset's `ClassLabel` columns are mapped by their own names).
     """
 
-    messages: str | None = None
-    prompt: str | None = None
-    response: str | None = None
-    prompt_template: str | None = None
-    response_template: str | None = None
-    system: str | None = None
-    role_key: str = "role"
-    content_key: str = "content"
-    label_column: str = "label"
-    label_names: list[str] | None = Field(default=None, min_length=1)
+    messages: str | None = Field(default=None, description="The column holding a list of {role, content} turns "
+                                 "(the default shape when no prompt/response is set: column `messages`).")
+    prompt: str | None = Field(default=None, description="The column of the user turn of a single-turn chat.")
+    response: str | None = Field(default=None, description="The column of the assistant turn of a single-turn chat.")
+    prompt_template: str | None = Field(default=None, description="A `str.format` template over the row's columns "
+                                        "for the user turn (instead of `prompt`), e.g. `의도: {text}`.")
+    response_template: str | None = Field(default=None, description="A `str.format` template over the row's "
+                                          "columns for the assistant turn (instead of `response`), e.g. `{label}`.")
+    system: str | None = Field(default=None, description="A column holding each row's system prompt (overrides "
+                               "`data.system_prompt` for that row).")
+    role_key: str = Field(default="role", description="The key of a turn's role inside the `messages` column.")
+    content_key: str = Field(default="content", description="The key of a turn's text inside the `messages` column.")
+    label_column: str = Field(default="label", description="The column whose integer ids `label_names` maps.")
+    label_names: list[str] | None = Field(default=None, min_length=1, description="Names of the integer ids of "
+                                          "`label_column` (index = id), for local files; None: the ids as they are.")
 
     @model_validator(mode="before")
     @classmethod
@@ -82,14 +87,20 @@ class DataSource(Section):
     (default `main`); a branch or tag is resolved to its commit at each run, so new commits mean a new dataset.
     """
 
-    path: str | None = None
-    hub_id: str | None = None
-    revision: str | None = None
-    subset: str | None = None
-    split: str = "train"
-    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
-    fields: FieldMapping = Field(default_factory=lambda: FieldMapping(messages="messages"))
-    limit: int | None = Field(default=None, gt=0)
+    path: str | None = Field(default=None, description="A jsonl/json/csv/parquet file, a directory or a glob, "
+                             "relative to the working directory (exactly one of `path`, `hub_id`).")
+    hub_id: str | None = Field(default=None, description="A Hugging Face Hub dataset id (exactly one of `path`, "
+                               "`hub_id`).")
+    revision: str | None = Field(default=None, description="A branch, tag or commit of `hub_id` (None: `main`), "
+                                 "resolved to its commit at each run.")
+    subset: str | None = Field(default=None, description="The hub dataset's configuration (subset) name.")
+    split: str = Field(default="train", description="The hub dataset's split to read.")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
+        default="auto", description="The format of every file of `path`; `auto`: each file's suffix decides.")
+    fields: FieldMapping = Field(default_factory=lambda: FieldMapping(messages="messages"),
+                                 description="How the source's columns become chat `messages`.")
+    limit: int | None = Field(default=None, gt=0, description="Read at most this many rows of the source "
+                              "(None: all).")
 
     @model_validator(mode="after")
     def _one_origin(self) -> DataSource:
@@ -103,10 +114,14 @@ class DataSource(Section):
 
 
 class DataConfig(Section):
-    sources: list[DataSource] = Field(min_length=1)
-    system_prompt: str | None = None
-    max_chars_per_turn: int = Field(default=8000, gt=0)
-    dedupe: bool = True
-    eval_fraction: float = Field(default=0.1, gt=0, lt=0.5)
-    eval_max_rows: int | None = Field(default=None, gt=0)
-    seed: int = 42
+    sources: list[DataSource] = Field(min_length=1, description="The data sources, concatenated in this order.")
+    system_prompt: str | None = Field(default=None, description="A system turn put first in every conversation "
+                                      "that has none (None: no system turn).")
+    max_chars_per_turn: int = Field(default=8000, gt=0, description="A row with a longer turn is rejected (into "
+                                    "rejected.jsonl).")
+    dedupe: bool = Field(default=True, description="Reject rows whose conversation exactly repeats an earlier one.")
+    eval_fraction: float = Field(default=0.1, gt=0, lt=0.5, description="The share of rows held out for "
+                                 "evaluation (split by a seeded hash of each row, stable across runs).")
+    eval_max_rows: int | None = Field(default=None, gt=0, description="At most this many held-out rows (the "
+                                      "rest of the fraction trains); None: the whole fraction.")
+    seed: int = Field(default=42, description="The seed of the hash that splits rows into train and held-out.")

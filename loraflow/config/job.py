@@ -16,14 +16,19 @@ from loraflow.config.training import TrainingConfig
 
 
 class JobConfig(Section):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    model: ModelConfig
-    data: DataConfig
-    lora: LoraSettings = LoraSettings()
-    quantization: QuantizationConfig = QuantizationConfig()
-    training: TrainingConfig = TrainingConfig()
-    eval: EvalConfig = EvalConfig()
-    registry: RegistryConfig
-    promotion: PromotionConfig = PromotionConfig()
-    merge: MergeConfig = MergeConfig()
-    serving: ServingConfig = ServingConfig()
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="The job's name: its Prefect deployments "
+                      "(`finetune/<name>`, `serve/<name>`) and run names; lowercase letters, digits, `.`, `_`, `-`.")
+    model: ModelConfig = Field(description="The base model and how it is loaded.")
+    data: DataConfig = Field(description="Data sources and the rules a row must pass to become training data.")
+    lora: LoraSettings = Field(default=LoraSettings(), description="The LoRA adapter's shape.")
+    quantization: QuantizationConfig = Field(default=QuantizationConfig(), description="4-bit quantization of the "
+                                             "frozen base (QLoRA).")
+    training: TrainingConfig = Field(default=TrainingConfig(), description="SFT hyper-parameters (TRL SFTTrainer).")
+    eval: EvalConfig = Field(default=EvalConfig(), description="What is measured on the base and on base + "
+                             "adapter.")
+    registry: RegistryConfig = Field(description="Where runs, metrics and adapter versions are recorded (MLflow).")
+    promotion: PromotionConfig = Field(default=PromotionConfig(), description="When a registered version earns an "
+                                       "alias.")
+    merge: MergeConfig = Field(default=MergeConfig(), description="Merging the adapter into the base.")
+    serving: ServingConfig = Field(default=ServingConfig(), description="Serving the aliases on vLLM behind "
+                                   "loraflow's router.")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from loraflow.config.job import JobConfig
 
@@ -51,7 +52,31 @@ def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
     return flat
 
 
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The section a field holds (itself, or the item type of a list of sections); None for a leaf."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def field_description(loc: tuple[int | str, ...]) -> str | None:
+    """The description of the leaf field an error's `loc` points at, or None (a section, an unknown key). List
+    indexes and pydantic's union-member tags (`list[str]`) in `loc` are not fields and are skipped."""
+    section: type[BaseModel] | None = JobConfig
+    found = None
+    for part in loc:
+        if section is not None and isinstance(part, str):
+            if part not in section.model_fields:
+                return None
+            found = section.model_fields[part]
+            section = _section_of(found.annotation)
+    return found.description if found is not None and section is None else None
+
+
 def format_validation_error(source: str, error: ValidationError) -> str:
+    """One `  field.path: problem (got value)` line per error, followed by what the field means where it has a
+    description, so that the message says what the value is for without opening the code."""
     lines = [f"{source}: {error.error_count()} invalid field(s)"]
     for item in error.errors():
         path = ".".join(str(p) for p in item["loc"]) or "<root>"
@@ -60,7 +85,8 @@ def format_validation_error(source: str, error: ValidationError) -> str:
             message = "unknown key"
         shown = item.get("input")
         got = "" if item["type"] in ("missing",) or isinstance(shown, dict) else f" (got {shown!r})"
-        lines.append(f"  {path}: {message}{got}")
+        meaning = field_description(item["loc"])
+        lines.append(f"  {path}: {message}{got}" + (f" -- {meaning}" if meaning else ""))
     return "\n".join(lines)
 
 

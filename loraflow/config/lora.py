@@ -14,11 +14,14 @@ ALL_LINEAR_SHORTHAND = "all-linear"
 
 
 class LoraSettings(Section):
-    r: int = Field(default=16, gt=0)
-    alpha: int = Field(default=32, gt=0)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: list(ALL_LINEAR), min_length=1)
-    bias: Literal["none", "all", "lora_only"] = "none"
+    r: int = Field(default=16, gt=0, description="The LoRA rank (inner dimension of each adapter matrix pair).")
+    alpha: int = Field(default=32, gt=0, description="The LoRA scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: list(ALL_LINEAR), min_length=1,
+        description="The module names that get an adapter, or `all-linear` (peft: every linear layer but the head).")
+    bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases train (peft's "
+                                                      "`bias`).")
 
     @property
     def peft_targets(self) -> str | list[str]:
@@ -29,9 +32,13 @@ class LoraSettings(Section):
 class QuantizationConfig(Section):
     """`none` trains plain LoRA on a full-precision base; `nf4`/`fp4` is QLoRA through bitsandbytes."""
 
-    method: Literal["none", "nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    method: Literal["none", "nf4", "fp4"] = Field(default="nf4", description="The 4-bit format of the frozen base "
+                                                  "(bitsandbytes); `none`: plain LoRA on a full-precision base.")
+    double_quant: bool = Field(default=True, description="Also quantize the quantization constants (saves ~0.4 "
+                               "bit/parameter).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="The dtype 4-bit weights are computed in; `auto`: bf16 on a GPU that has it, "
+        "fp16 on one that has not, fp32 on CPU.")
 
     @property
     def enabled(self) -> bool:

@@ -13,14 +13,20 @@ class MergeConfig(Section):
     """merge_and_unload into a full-precision reload of the base (never the 4-bit training base). The merge and its
     check run in fp32; the result is saved in `dtype`."""
 
-    enabled: bool = False
-    # The saved dtype: `auto` is the model section's (the serving dtype: fp32 on CPU, bf16 on a bf16 GPU).
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Where the fp32 merge runs: `auto` = model.device. fp32 weights are 4 bytes/parameter (7B: ~31 GB), so on a
-    # 24 GB GPU set `cpu` (needs that much RAM).
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # merged logits must match base + adapter (both fp32) within this bound on the check prompts
-    max_abs_logit_diff: float = Field(default=1e-3, gt=0)
+    enabled: bool = Field(default=False, description="Merge the adapter of a version the promote step made "
+                          "champion into its base and attach the merged model to the version's run (a rejected or "
+                          "challenger version is not merged; `loraflow merge CONFIG --version N` merges one later).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="The saved dtype; `auto`: the model section's (the serving dtype: fp32 on CPU, "
+        "bf16 on a bf16 GPU).")
+    # fp32 weights are 4 bytes/parameter (7B: ~31 GB), so on a 24 GB GPU set `cpu` (needs that much RAM).
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the fp32 merge runs; `auto`: "
+                                                   "model.device.")
+    max_abs_logit_diff: float = Field(default=1e-3, gt=0, description="Merged logits must match base + adapter "
+                                      "(both fp32) within this bound on the check prompts.")
+    max_shard_size: str = Field(default="5GB", pattern=r"^[0-9]+[KMG]i?B$", description="The largest safetensors "
+                                "file of the merged model (transformers' `max_shard_size`, e.g. `5GB`, `500MiB`): a "
+                                "7B in bf16 (~15 GB) is written and uploaded as several files plus an index.")
 
 
 class CanaryConfig(Section):
@@ -33,51 +39,64 @@ class CanaryConfig(Section):
             "안녕하세요",
         ],
         min_length=1,
+        description="The canary prompts, answered greedily by the version and by the base.",
     )
-    max_tokens: int = Field(default=16, gt=0)
-    # At least this many prompts must give a greedy output different from the base's.
-    min_changed: int = Field(default=1, gt=0)
+    max_tokens: int = Field(default=16, gt=0, description="Tokens generated per canary prompt.")
+    min_changed: int = Field(default=1, gt=0, description="At least this many prompts must give a greedy output "
+                             "different from the base's.")
 
 
 class ParityConfig(Section):
     """After deploy, the configured benchmark tasks are scored on the served version (lm-eval `local-completions`
     through the router) and compared with the registered `tuned/...` metrics (docs/serving.md)."""
 
-    enabled: bool = True
-    # Items per task for the served run (None: all; the comparison then covers the very items that were judged).
-    limit: int | None = Field(default=None, gt=0)
-    # A metric is out of parity beyond this many standard errors (the larger of served and registered).
-    stderr_multiple: float = Field(default=1.0, gt=0)
+    enabled: bool = Field(default=True, description="Score the served version after deploy and tag "
+                          "`serving.parity`.")
+    limit: int | None = Field(default=None, gt=0, description="Items per task for the served run (None: all; the "
+                              "comparison then covers the very items that were judged).")
+    stderr_multiple: float = Field(default=1.0, gt=0, description="A metric is out of parity beyond this many "
+                                   "standard errors (the larger of served and registered).")
 
 
 class ServingConfig(Section):
-    enabled: bool = False
-    host: str = "127.0.0.1"
-    # The public port: loraflow's router (stable name -> champion's versioned name) listens here.
-    port: int = Field(default=8000, gt=0, lt=65536)
-    # vLLM itself, reached only through the router (and by the reconciler for load/unload).
-    vllm_port: int = Field(default=8001, gt=0, lt=65536)
-    # Name of the environment variable holding the API key; the key itself never lives in a config.
-    api_key_env: str = "LORAFLOW_VLLM_API_KEY"
-    max_loras: int = Field(default=4, gt=0)
-    # None: derived from the adapters to serve and `lora.r`, rounded up to a rank vLLM accepts.
-    max_lora_rank: int | None = Field(default=None, gt=0)
-    max_model_len: int | None = Field(default=None, gt=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # vLLM's CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on CUDA.
-    cpu_kv_cache_gib: int = Field(default=1, gt=0)
-    # The fraction of each GPU's memory vLLM takes for weights + KV cache (vLLM's default 0.9 leaves no room for a
-    # training on the same GPU: docs/stack.md). None: vLLM's default. Ignored on CPU.
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    # Multi-GPU serving of a large base: vLLM's tensor and pipeline parallel sizes (GPUs = their product).
-    tensor_parallel_size: int = Field(default=1, gt=0)
-    pipeline_parallel_size: int = Field(default=1, gt=0)
-    startup_timeout_s: float = Field(default=300, gt=0)
-    # Registry aliases served under their versioned names; `champion` also answers to the stable name.
-    aliases: list[str] = Field(default_factory=lambda: ["champion", "challenger"], min_length=1)
+    enabled: bool = Field(default=False, description="The finetune flow ends by deploying the registry's aliases "
+                          "on vLLM behind the router (`serve/<job>` always serves).")
+    host: str = Field(default="127.0.0.1", description="The address the router listens on (vLLM stays on "
+                      "127.0.0.1).")
+    port: int = Field(default=8000, gt=0, lt=65536, description="The public port: loraflow's router (stable name "
+                      "-> champion's versioned name) listens here.")
+    vllm_port: int = Field(default=8001, gt=0, lt=65536, description="vLLM itself, reached only through the router "
+                           "(and by the reconciler for load/unload).")
+    # The key itself never lives in a config.
+    api_key_env: str = Field(default="LORAFLOW_VLLM_API_KEY", description="The name of the environment variable "
+                             "holding the API key.")
+    max_loras: int = Field(default=4, gt=0, description="Adapters vLLM runs in one batch (`--max-loras`).")
+    max_lora_rank: int | None = Field(default=None, gt=0, description="vLLM's `--max-lora-rank`; None: derived from "
+                                      "the adapters to serve and `lora.r`, rounded up to a rank vLLM accepts.")
+    max_model_len: int | None = Field(default=None, gt=0, description="vLLM's `--max-model-len`; None: the "
+                                      "model's own.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="The served dtype; `auto`: the model's dtype on its device (fp32 on CPU, bf16 "
+        "on a GPU that has it, else fp16).")
+    cpu_kv_cache_gib: int = Field(default=1, gt=0, description="vLLM's CPU KV cache in GiB "
+                                  "(VLLM_CPU_KVCACHE_SPACE); ignored on CUDA.")
+    # vLLM's default 0.9 leaves no room for a training on the same GPU: docs/stack.md.
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="The fraction of each GPU's "
+                                                 "memory vLLM takes for weights + KV cache; None: vLLM's default "
+                                                 "(0.9). Ignored on CPU.")
+    # Multi-GPU serving of a large base: GPUs = tensor_parallel_size x pipeline_parallel_size.
+    tensor_parallel_size: int = Field(default=1, gt=0, description="vLLM's tensor parallel size (GPUs per "
+                                      "pipeline stage).")
+    pipeline_parallel_size: int = Field(default=1, gt=0, description="vLLM's pipeline parallel size (stages).")
+    startup_timeout_s: float = Field(default=300, gt=0, description="Seconds vLLM may take to become healthy "
+                                     "(a cold 7B start on CUDA loads ~15 GB and captures CUDA graphs: set ~900).")
+    aliases: list[str] = Field(default_factory=lambda: ["champion", "challenger"], min_length=1,
+                               description="Registry aliases served under their versioned names; `champion` also "
+                               "answers to the stable name.")
     canary: CanaryConfig = CanaryConfig()
     parity: ParityConfig = ParityConfig()
-    extra_args: list[str] = Field(default_factory=list)
+    extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` arguments, appended as "
+                                  "they are.")
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> ServingConfig:

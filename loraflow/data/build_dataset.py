@@ -1,10 +1,11 @@
 """build_dataset: sources -> validated, deduplicated chat `messages` with a deterministic train/eval split.
 
 Local sources (a jsonl/json/csv/parquet file, a directory of them, or a glob) and hub datasets go through the same
-normalisation and validation. What is read is what the step's key hashed: a local source's manifest of files, a hub
-dataset at the commit its revision resolves to (loraflow/data/sources.py). Rejected rows are written with the
-source, file, row number and reason; good rows always survive bad neighbours. stats.json records rows per source
-and the manifest (each file's path, sha and rows) that a later run diffs against the champion's.
+normalisation and validation. What is read is what the step's key hashed: the run's `PinnedData` (pinned once at
+flow start, loraflow/data/sources.py), a local source's manifest of files, a hub dataset at its pinned commit.
+Rejected rows are written with the source, file, row number and reason; good rows always survive bad neighbours.
+stats.json records rows per source and the manifest (each file's path, sha and rows) that a later run diffs
+against the champion's.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 
 from loraflow.config.data import DataConfig, DataSource, FieldMapping, template_columns
-from loraflow.data.sources import SourceFingerprint, cached_snapshot, dataset_manifest, file_format, source_fingerprint
+from loraflow.data.sources import PinnedData, SourceFingerprint, as_pinned, dataset_manifest, file_format
 from loraflow.hashing import sha_of
+from loraflow.hub import cached_snapshot
 from loraflow.outputs import write_json
 from loraflow.results import DatasetResult
 
@@ -196,15 +198,16 @@ def _split_score(canonical: str, seed: int) -> float:
     return int(sha_of(seed, canonical)[:12], 16) / float(16**12)
 
 
-def build_dataset(data: DataConfig, out_dir: Path, key: str) -> DatasetResult:
+def build_dataset(data: DataConfig | PinnedData, out_dir: Path, key: str) -> DatasetResult:
+    # The pinned fingerprints are read, never recomputed: the files and commits recorded are exactly those keyed.
+    pinned = as_pinned(data)
+    data, fingerprints = pinned.data, pinned.fingerprints
     rows: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     seen: set[str] = set()
     per_source: dict[str, Counter] = {}
     per_file: Counter = Counter()
     labels: dict[str, list[str]] = {}
-    # Fingerprinted once here and read from: the files and commits recorded are exactly those loaded.
-    fingerprints = [source_fingerprint(s, i) for i, s in enumerate(data.sources)]
     for index, (source, fingerprint) in enumerate(zip(data.sources, fingerprints, strict=True)):
         counts: Counter = Counter()
         per_source[source.label] = counts

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from datasets import DatasetDict, load_from_disk
 
-from loraflow.bases import load_tokenizer
+from loraflow.base.load import load_tokenizer
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.outputs import write_json

@@ -1,7 +1,8 @@
 """lm-evaluation-harness benchmarks on the base and on base + adapter, as a library.
 
-Scoring is lm-eval's own: `simple_evaluate` on an `HFLM` wrapping an already-loaded model (base or PEFT).
-Tasks come from lm-eval's index plus `include_path` (e.g. the offline tiny-ko KoBEST tasks).
+Scoring is lm-eval's own: `simple_evaluate` on an `HFLM` wrapping an already-loaded model (base or PEFT), or on
+CUDA (`eval.backend`) lm-eval's `vllm` model: the base, then the base with the adapter as a LoRA, as vLLM serves
+them. Tasks come from lm-eval's index plus `include_path` (e.g. the offline tiny-ko KoBEST tasks).
 
 Metrics are flattened to `{"<task>/<metric>": value}`; standard errors are kept as `<task>/<metric>_stderr`
 where lm-eval computed one (it reports "N/A" for aggregations without one, which are dropped). A metric from a
@@ -13,15 +14,17 @@ from __future__ import annotations
 import difflib
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from loraflow.config.evaluation import BenchmarkConfig
+from loraflow.config.evaluation import BenchmarkConfig, EvalConfig
 from loraflow.config.loader import ConfigError
-from loraflow.config.model import EMBEDDED_PREFIX
+from loraflow.config.model import EMBEDDED_PREFIX, ModelConfig
 
 if TYPE_CHECKING:  # torch is imported by whoever loaded the model; validation alone must stay light
     import torch
@@ -30,6 +33,7 @@ if TYPE_CHECKING:  # torch is imported by whoever loaded the model; validation a
 RESULTS_FILE = "lm_eval_results.json"
 SAMPLES_FILE = "lm_eval_samples.jsonl"
 FIELD = "eval.benchmarks"
+VLLM_MODEL = "vllm"  # lm-eval's registered name of its in-process vLLM model (lm_eval/models/vllm_causallms.py)
 
 
 class BenchmarkRun(BaseModel):
@@ -159,3 +163,52 @@ def in_process_lm(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> An
     from lm_eval.models.huggingface import HFLM
 
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def eval_backend(model: ModelConfig, evaluation: EvalConfig) -> str:
+    """`hf` or `vllm` for this job on this machine (`eval.backend`)."""
+    from loraflow.training.models import device_for
+
+    if evaluation.backend == "vllm" and (device_for(model) != "cuda" or evaluation.precision != "serving"):
+        raise ConfigError("eval.backend: `vllm` needs model.device cuda and eval.precision `serving` (vLLM serves "
+                          "the 16-bit base); use `hf` or `auto`")
+    if evaluation.backend != "auto":
+        return evaluation.backend
+    return "vllm" if device_for(model) == "cuda" and evaluation.precision == "serving" else "hf"
+
+
+def vllm_model_args(model: ModelConfig, evaluation: EvalConfig, adapter_dir: str | Path | None) -> dict[str, Any]:
+    """lm-eval `vllm` model_args for the base (`adapter_dir` None) or base + adapter: the base at its revision in
+    the serving dtype, the adapter as a LoRA of the smallest rank vLLM accepts that holds it."""
+    from loraflow.base.load import resolve_base
+    from loraflow.serving.vllm_server import adapter_rank, vllm_lora_rank
+    from loraflow.training.models import device_for, dtype_for
+
+    args: dict[str, Any] = {
+        "pretrained": resolve_base(model),
+        "revision": model.revision,
+        "trust_remote_code": model.trust_remote_code,
+        "dtype": str(dtype_for(model.dtype, device_for(model))).removeprefix("torch."),
+        "gpu_memory_utilization": evaluation.gpu_memory_utilization,
+        "batch_size": "auto",  # vLLM schedules its own batches
+        "max_model_len": evaluation.max_model_len,
+    }
+    if adapter_dir is not None:
+        args |= {"lora_local_path": str(adapter_dir), "max_lora_rank": vllm_lora_rank([adapter_rank(adapter_dir)])}
+    return args
+
+
+@contextmanager
+def vllm_lm(args: dict[str, Any]) -> Iterator[Any]:
+    """lm-eval's `vllm` model, its engine shut down on exit: the engine core is a process of its own that holds
+    its share of the GPU until it ends. Refused before starting when the GPU lacks the memory vLLM will ask for."""
+    from lm_eval.api.registry import get_model
+
+    from loraflow.training.device import require_free_gpu_memory
+
+    require_free_gpu_memory(args["gpu_memory_utilization"], 1, "eval.gpu_memory_utilization")
+    lm = get_model(VLLM_MODEL)(**args)
+    try:
+        yield lm
+    finally:
+        lm.model.llm_engine.engine_core.shutdown()

@@ -11,7 +11,7 @@ from pathlib import Path
 from datasets import load_from_disk
 from peft import PeftModel
 
-from loraflow.bases import load_tokenizer
+from loraflow.base.load import load_tokenizer
 from loraflow.config.evaluation import EvalConfig
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
@@ -20,14 +20,14 @@ from loraflow.evaluation.comparison import TABLE_FILE, write_comparison
 from loraflow.evaluation.perplexity import assistant_perplexity
 from loraflow.outputs import write_json
 from loraflow.results import ChatResult, EvalResult, TrainResult
+from loraflow.training.device import release_device_memory
 from loraflow.training.models import load_base_model
 
 log = logging.getLogger(__name__)
 
 
-def _measure(label: str, measured, held_out, tokenizer, evaluation: EvalConfig, out_dir: Path,
-             metrics: dict[str, float], files: list[str], task_dir: Path | None) -> None:
-    """Adds `<label>/...` metrics (perplexity, benchmarks, the held-out task) of one model."""
+def _perplexity(label: str, measured, held_out, tokenizer, evaluation: EvalConfig,
+                metrics: dict[str, float]) -> None:
     if evaluation.perplexity.enabled:
         scores = assistant_perplexity(measured, held_out, pad_id=tokenizer.pad_token_id,
                                       batch_size=evaluation.perplexity.batch_size,
@@ -35,14 +35,19 @@ def _measure(label: str, measured, held_out, tokenizer, evaluation: EvalConfig, 
         metrics[f"{label}/perplexity"] = scores["perplexity"]
         metrics[f"{label}/nll"] = scores["nll"]
         metrics["eval/assistant_tokens"] = scores["tokens"]
+
+
+def _lm_eval(label: str, lm, heldout_lm, evaluation: EvalConfig, out_dir: Path, metrics: dict[str, float],
+             files: list[str], task_dir: Path | None) -> None:
+    """Adds `<label>/...` benchmark and held-out task metrics of one model through lm-eval (`hf`: one wrapper per
+    configured batch size; `vllm`: one engine for both)."""
     if evaluation.benchmarks.tasks:
-        run = benchmarks.run_benchmarks(measured, tokenizer, evaluation.benchmarks, out_dir / "lm_eval", label)
+        run = benchmarks.run_lm(lm, evaluation.benchmarks, out_dir / "lm_eval", label)
         metrics.update({f"{label}/{name}": value for name, value in run.metrics.items()})
         metrics[f"eval/{label}_benchmark_seconds"] = run.seconds
         files += [f for f in (run.results_file, run.samples_file) if f]
     if task_dir is not None:
-        lm = benchmarks.in_process_lm(measured, tokenizer, evaluation.heldout.batch_size)
-        run = heldout.run_heldout(lm, evaluation.heldout, task_dir, out_dir / "heldout", label)
+        run = heldout.run_heldout(heldout_lm, evaluation.heldout, task_dir, out_dir / "heldout", label)
         metrics.update({f"{label}/{name}": value for name, value in run.metrics.items()})
         metrics[f"eval/{label}_heldout_seconds"] = run.seconds
         files += [f for f in (run.results_file, run.samples_file, *run.extra_files) if f]
@@ -64,10 +69,22 @@ def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: 
         task_dir = heldout.write_task(rows, labels, evaluation.heldout, out_dir)
         metrics["eval/heldout_rows"] = float(len(rows))
         files += [str(task_dir / heldout.ROWS_FILE), str(task_dir / heldout.LABELS_FILE)]
+    on_vllm = benchmarks.eval_backend(model, evaluation) == "vllm"
     base = load_base_model(model, quant, quantized=evaluation.precision == "training")
-    _measure("base", base, held_out, tokenizer, evaluation, out_dir, metrics, files, task_dir)
-    tuned = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
-    _measure("tuned", tuned, held_out, tokenizer, evaluation, out_dir, metrics, files, task_dir)
+    for label in ("base", "tuned"):
+        if label == "tuned":
+            base = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
+        _perplexity(label, base, held_out, tokenizer, evaluation, metrics)
+        if not on_vllm:
+            _lm_eval(label, benchmarks.in_process_lm(base, tokenizer, evaluation.benchmarks.batch_size),
+                     benchmarks.in_process_lm(base, tokenizer, evaluation.heldout.batch_size), evaluation, out_dir,
+                     metrics, files, task_dir)
+    del base
+    if on_vllm:  # the in-process model's memory is handed back before vLLM asks for its share
+        release_device_memory()
+        for label, adapter in (("base", None), ("tuned", trained.adapter_dir)):
+            with benchmarks.vllm_lm(benchmarks.vllm_model_args(model, evaluation, adapter)) as lm:
+                _lm_eval(label, lm, lm, evaluation, out_dir, metrics, files, task_dir)
     write_json(out_dir / "metrics.json", metrics)
     artifacts = [str(out_dir / "metrics.json"), *files, *(str(p) for p in write_comparison(metrics, out_dir))]
     log.info("evaluate:\n%s", (out_dir / TABLE_FILE).read_text())

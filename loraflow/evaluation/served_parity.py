@@ -19,7 +19,7 @@ from typing import Any
 from mlflow.entities import Metric
 from pydantic import BaseModel, ConfigDict
 
-from loraflow.bases import resolve_base
+from loraflow.base.load import resolve_base
 from loraflow.config.job import JobConfig
 from loraflow.evaluation import benchmarks, heldout
 from loraflow.hashing import sha_of

@@ -24,9 +24,9 @@ from mlflow.exceptions import MlflowException
 import loraflow
 from loraflow.config.job import JobConfig
 from loraflow.config.registry import RegistryConfig
-from loraflow.data.sources import base_revision_tag, source_tags
 from loraflow.hashing import sha_of, sha_of_files
 from loraflow.registry.client import client_for, ensure_experiment, tracking_uri
+from loraflow.registry.lineage import base_revision_tag, source_tags
 from loraflow.results import ChatResult, DatasetResult, EvalResult, RegisteredVersion, TrainResult
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraflow.bases import resolve_base
+from loraflow.base.load import resolve_base
+from loraflow.base.revision import resolve_model_revision
 from loraflow.config.job import JobConfig
-from loraflow.data.sources import resolve_model_revision
 from loraflow.hashing import sha_of_text
 from loraflow.process import ManagedProcess, ProcessFailed, port_holder, port_in_use
 from loraflow.serving import records
@@ -23,6 +23,7 @@ from loraflow.serving.records import Endpoint
 from loraflow.serving.urls import VLLM_HOST, router_url, vllm_url
 from loraflow.serving.vllm_server import VllmLaunch, adapter_rank, vllm_lora_rank, vllm_process, vllm_settings
 from loraflow.templates import load_template
+from loraflow.training.device import require_free_gpu_memory
 from loraflow.training.models import device_for, dtype_for
 
 
@@ -71,6 +72,11 @@ def start_stack(job: JobConfig, adapter_dirs: list[str | Path] = ()) -> ServingS
         dtype=served_dtype(job),
         max_lora_rank=max_lora_rank(job, list(adapter_dirs)),
     )
+    if device_for(job.model) == "cuda":
+        # vLLM fails after loading for minutes when the GPU lacks `utilization x total` free; say so at once.
+        require_free_gpu_memory(serving.gpu_memory_utilization,
+                                serving.tensor_parallel_size * serving.pipeline_parallel_size,
+                                "serving.gpu_memory_utilization")
     vllm = vllm_process(serving, launch, directory).start()
     try:
         vllm.wait_healthy(serving.startup_timeout_s)

@@ -1,6 +1,10 @@
 """merge: fold the adapter into a full-precision reload of the base (`merge_and_unload`) and prove the merged
 model computes what base + adapter computes before anyone serves it.
 
+The flow merges only a version its promote step made champion (`merge_registered`); `loraflow merge CONFIG
+--version N` merges a version a person promotes later (`merge_version`): both through the same step directory and
+the same upload to the version's run.
+
 Never merge into the 4-bit training base: bitsandbytes rounds the merged weights back to 4-bit, and on
 AVX512-BF16 CPUs the repacked weights give garbage.
 """
@@ -10,6 +14,8 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -17,10 +23,18 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedModel
 
+from loraflow.config.job import JobConfig
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.serving import MergeConfig
+from loraflow.errors import InputError
+from loraflow.outputs import run_step
+from loraflow.registry.client import client_for, tracking_uri
+from loraflow.registry.register import attach_directory
 from loraflow.results import MergeResult
+from loraflow.serving.registry_view import download_version
+from loraflow.training.device import released_device_memory
+from loraflow.training.keys import merge_key
 from loraflow.training.models import device_for, dtype_for, load_base_model
 
 log = logging.getLogger(__name__)
@@ -36,9 +50,6 @@ CHECK_CONVERSATIONS = (
 class MergeMismatch(RuntimeError):
     """The merged model's logits differ from base + adapter by more than `merge.max_abs_logit_diff`, or the saved
     files do not reproduce the merged model."""
-
-
-
 
 
 @torch.no_grad()
@@ -80,7 +91,8 @@ def merge_adapter(
                             f"{merge.max_abs_logit_diff:.3g}")
     merged = merged.to(save_dtype)
     merged_dir = out_dir / "merged"
-    merged.save_pretrained(str(merged_dir))
+    # Shards of at most `max_shard_size` plus an index: transformers 5 would otherwise write one 50 GB-shard file.
+    merged.save_pretrained(str(merged_dir), max_shard_size=merge.max_shard_size)
     tokenizer.save_pretrained(str(merged_dir))
     # Check what was written, not the object in memory: a save that loses the merge (tied weights) fails.
     mismatched = saved_mismatches(merged, merged_dir)
@@ -113,3 +125,32 @@ def saved_mismatches(model: torch.nn.Module, saved_dir: Path) -> list[str]:
             if not torch.equal(handle.get_tensor(name), tensor.detach().cpu()):
                 bad.append(name)
     return bad
+
+
+def merge_registered(job: JobConfig, adapter_dir: str | Path, adapter_sha: str, run_id: str,
+                     slot: Callable[[], AbstractContextManager[object]] = nullcontext) -> MergeResult:
+    """Merge (once per adapter and merge settings: the step directory is content-addressed) and attach `merged/`
+    to the version's run. `slot` is held around the merge itself only when it runs on a GPU (the flow's
+    accelerator limit); the model's memory is handed back before the slot."""
+    on_gpu = (job.merge.device if job.merge.device != "auto" else job.model.device) != "cpu"
+
+    def produce(out_dir: Path) -> MergeResult:
+        with slot() if on_gpu else nullcontext(), released_device_memory():
+            return merge_adapter(adapter_dir, adapter_sha, job.model, job.merge, out_dir)
+
+    result = run_step("merge", merge_key(adapter_sha, job.model, job.merge), MergeResult, produce)
+    attach_directory(job.registry, run_id, result.merged_dir, "merged")
+    return result
+
+
+def merge_version(job: JobConfig, version: str, downloads: Path) -> MergeResult:
+    """`loraflow merge CONFIG --version N`: the registered version's adapter (downloaded under `downloads`) merged
+    and attached to its run, as the flow does for a champion."""
+    client = client_for(job.registry)
+    registered = client.get_model_version(job.registry.model_name, str(version))
+    adapter_sha = registered.tags.get("adapter_sha")
+    if not adapter_sha or not registered.run_id:
+        raise InputError(f"{job.registry.model_name} version {version} has no adapter_sha tag or run: it was not "
+                         "registered by loraflow")
+    adapter_dir = download_version(registered, downloads, tracking_uri(job.registry))
+    return merge_registered(job, adapter_dir, adapter_sha, registered.run_id)

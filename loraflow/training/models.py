@@ -6,19 +6,24 @@ of `ModelConfig` / `QuantizationConfig`.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
-from loraflow.bases import resolve_base
+from loraflow.base.load import resolve_base
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What `model.attn_implementation: auto` picks on CUDA for padding-free batches: transformers runs it with the
+# `flash_attn` package or, without it, the `kernels` package's hub build (kernels-community/flash-attn2).
+VARLEN_ATTENTION = "flash_attention_2"
 
 
 def device_for(model: ModelConfig) -> str:
@@ -27,18 +32,47 @@ def device_for(model: ModelConfig) -> str:
     return model.device
 
 
+def has_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 tensor cores arrived with compute capability 8.0 (Ampere). torch.cuda.is_bf16_supported() also says True
+    on a T4 (7.5), where bf16 is emulated and several times slower than fp16: the capability decides."""
+    return tuple(capability) >= (8, 0)
+
+
 def dtype_for(name: str, device: str) -> torch.dtype:
     """`auto`: bf16 on a GPU that has it (compute capability >= 8: A10, A100, H100), fp16 on one that has not (T4,
     V100), fp32 on CPU (bf16 matmuls are slow or inexact on most CPUs). An explicit bf16 on a GPU without it fails
-    here, before any weight is loaded."""
+    here, before any weight is loaded. The one place that decides a dtype (training, merging, serving)."""
     if device == "cuda" and (name == "auto" or DTYPES[name] == torch.bfloat16):
-        if torch.cuda.is_bf16_supported():
+        if has_bf16(torch.cuda.get_device_capability()):
             return torch.bfloat16
         if name != "auto":
             raise ValueError("model.dtype: bfloat16 is not supported by this GPU (e.g. a T4 or V100); set "
                              "`dtype: auto` (fp16 there) or `dtype: float16`")
         return torch.float16
     return torch.float32 if name == "auto" else DTYPES[name]
+
+
+def varlen_kernel_installed() -> bool:
+    return any(importlib.util.find_spec(name) is not None for name in ("flash_attn", "kernels"))
+
+
+def attn_implementation_for(model: ModelConfig, device: str, *, padding_free: bool,
+                            varlen_installed: bool | None = None) -> str:
+    """What from_pretrained gets as `attn_implementation`. `auto`: sdpa on CPU and for padded batches; on CUDA with
+    padding-free batches a varlen flash kernel, which attends within each conversation of the concatenated row from
+    the collator's sequence boundaries. Under sdpa, transformers builds a block-diagonal mask over the whole row
+    instead (correct, but SDPA then loses its flash backend: full T² attention). Without flash_attn or kernels
+    installed, `auto` stays on sdpa and says so."""
+    if model.attn_implementation != "auto":
+        return model.attn_implementation
+    if device != "cuda" or not padding_free:
+        return "sdpa"
+    if varlen_installed if varlen_installed is not None else varlen_kernel_installed():
+        return VARLEN_ATTENTION
+    log.warning("model.attn_implementation auto: neither flash_attn nor kernels is installed; padding-free batches "
+                "run on sdpa with a block-diagonal mask (full T^2 attention). Install `kernels` for %s.",
+                VARLEN_ATTENTION)
+    return "sdpa"
 
 
 def bnb_config(quant: QuantizationConfig, device: str, *, fsdp: bool = False) -> BitsAndBytesConfig | None:
@@ -83,22 +117,31 @@ def disable_cpu_bf16_repack(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def load_base_model(model: ModelConfig, quant: QuantizationConfig, *, quantized: bool = True,
-                    fsdp: bool = False) -> PreTrainedModel:
-    """The frozen base; 4-bit when `quantized` and the config asks for it (training, QLoRA eval), else full
-    precision (merging must never happen in the 4-bit model). Under FSDP no device map: accelerate loads the
-    weights on rank 0 only (fsdp_cpu_ram_efficient_loading) and shards them onto the GPUs."""
+def from_pretrained_kwargs(model: ModelConfig, quant: QuantizationConfig, *, quantized: bool = True,
+                           fsdp: bool = False, padding_free: bool = False) -> dict[str, Any]:
+    """Everything from_pretrained gets besides the path: what a CPU test asserts for the CUDA config."""
     device = device_for(model)
     quantization = bnb_config(quant, device, fsdp=fsdp) if quantized else None
-    dtype = fsdp_dtype(model, quant, device) if fsdp else dtype_for(model.dtype, device)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        resolve_base(model),
+    return dict(
         revision=model.revision,
-        dtype=dtype,
+        dtype=fsdp_dtype(model, quant, device) if fsdp else dtype_for(model.dtype, device),
         quantization_config=quantization,
         device_map={"": process_device(device)} if quantization is not None and not fsdp else None,
+        attn_implementation=attn_implementation_for(model, device, padding_free=padding_free),
         trust_remote_code=model.trust_remote_code,
     )
+
+
+def load_base_model(model: ModelConfig, quant: QuantizationConfig, *, quantized: bool = True,
+                    fsdp: bool = False, padding_free: bool = False) -> PreTrainedModel:
+    """The frozen base; 4-bit when `quantized` and the config asks for it (training, QLoRA eval), else full
+    precision (merging must never happen in the 4-bit model). Under FSDP no device map: accelerate loads the
+    weights on rank 0 only (fsdp_cpu_ram_efficient_loading) and shards them onto the GPUs. `padding_free`: the
+    batches it will see (training.padding_free), which the attention kernel follows."""
+    device = device_for(model)
+    kwargs = from_pretrained_kwargs(model, quant, quantized=quantized, fsdp=fsdp, padding_free=padding_free)
+    quantization = kwargs["quantization_config"]
+    loaded = AutoModelForCausalLM.from_pretrained(resolve_base(model), **kwargs)
     if quantization is None and not fsdp:
         loaded.to(process_device(device))
     if quantization is not None and device == "cpu":

@@ -8,7 +8,6 @@ the train step does, so the parameter counts are PEFT's own. Memory is an estima
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -19,19 +18,24 @@ from peft.tuners.lora import LoraLayer
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from loraflow.bases import resolve_base
+from loraflow.base.load import resolve_base
 from loraflow.config.job import JobConfig
 from loraflow.config.lora import ALL_LINEAR, LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.errors import LoraflowError
+from loraflow.training.plan_memory import (
+    GIB,
+    MARGIN_GIB,
+    activation_bytes,
+    optimizer_bytes,
+    safetensors_bytes,
+    serving_share,
+    usable_gib,
+)
 from loraflow.training.train import peft_config
 
 BASES_DIR = Path(__file__).resolve().parent / "bases"
-GIB = 1024**3
-# Memory as nvidia-smi reports it (MiB), less MARGIN_GIB for the CUDA context, cuBLAS workspaces and fragmentation.
-GPUS_MIB = {"T4 16 GB": 15360, "A10 24 GB": 23028, "A100 80 GB": 81920, "H100 80 GB": 81559}
-MARGIN_GIB = 1.0
 MODES = ("full_bf16_adamw", "lora_bf16", "qlora_nf4")
 COMPONENTS = ("weights", "gradients", "optimizer", "activations")
 
@@ -79,7 +83,8 @@ class TrainingPlan(BaseModel):
     optim: str
     double_quant: bool
     memory_gib: dict[str, dict[str, float]]  # mode -> weights, gradients, optimizer, activations, total
-    gpu_gib: dict[str, float]  # usable memory per GPU (after the margin)
+    serving_share: float  # the fraction of each GPU a serving vLLM on the same GPU holds (0: none)
+    gpu_gib: dict[str, float]  # usable memory per GPU (after the serving share and the margin)
     fits: dict[str, list[str]]  # GPU -> modes whose total fits
     assumptions: list[str]
 
@@ -114,48 +119,11 @@ def load_base_config(model: ModelConfig) -> tuple[PretrainedConfig, str]:
     return AutoConfig.for_model(**raw), f"{kind}: {path}"
 
 
-def safetensors_bytes(shapes: dict[str, list[int]], dtype: str, itemsize: int) -> int:
-    """The size safetensors writes: 8-byte length, JSON header (compact, tensors sorted by name, padded with spaces
-    to 8 bytes), then the data."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key in sorted(shapes):
-        size = math.prod(shapes[key]) * itemsize
-        header[key] = {"dtype": dtype, "shape": shapes[key], "data_offsets": [offset, offset + size]}
-        offset += size
-    length = len(json.dumps(header, separators=(",", ":")))
-    return 8 + length + (-length % 8) + offset
-
-
-def optimizer_bytes(optim: str, numels: list[int], param_bytes: int) -> float:
-    """Adam-like states for the trainable tensors. bitsandbytes 8-bit (`*8bit`): m and v in 1 byte each plus an
-    fp32 absmax per 256-block, tensors under 4096 elements stay fp32 (min_8bit_size); bitsandbytes 32-bit (`paged_*`,
-    `*bnb*`): fp32 m, v; torch AdamW: m, v in the parameter's own dtype."""
-    if "8bit" in optim:
-        return sum(n * (2 + 8 / 256) if n >= 4096 else 8 * n for n in numels)
-    if "bnb" in optim or optim.startswith("paged_"):
-        return 8.0 * sum(numels)
-    return 2.0 * param_bytes * sum(numels)
-
-
-def activation_bytes(batch: int, seq: int, hidden: int, layers: int, heads: int, vocab: int,
-                     checkpointing: bool) -> tuple[float, float]:
-    """(layer activations, logits) in bytes, an estimate with 16-bit activations.
-
-    One transformer layer keeps s·b·h·(34 + 5·a·s/h) bytes for backward (Korthikanti et al. 2022, "Reducing
-    Activation Recomputation in Large Transformer Models": 34·s·b·h for the linears, norms and masks, 5·a·s²·b for the
-    attention scores, softmax and its dropout in eager attention). With gradient checkpointing only each layer's
-    input survives (L·2·s·b·h) plus one layer being recomputed in backward; without it, all L layers. The loss reads
-    the logits upcast to fp32: b·s·V·4 bytes, which a 152k vocabulary makes large."""
-    per_layer = seq * batch * hidden * (34 + 5 * heads * seq / hidden)
-    kept = layers * 2 * seq * batch * hidden + per_layer if checkpointing else layers * per_layer
-    return kept, 4.0 * batch * seq * vocab
-
-
 def build_plan(config: PretrainedConfig, lora: LoraSettings, training: TrainingConfig | None = None,
                quantization: QuantizationConfig | None = None, *, name: str = "", base: str = "",
-               revision: str | None = None, config_source: str = "") -> TrainingPlan:
-    """The plan for any transformers config: the base and its PEFT wrapping built on the meta device."""
+               revision: str | None = None, config_source: str = "", share: float = 0.0) -> TrainingPlan:
+    """The plan for any transformers config: the base and its PEFT wrapping built on the meta device; `share` of
+    each GPU is taken by serving (plan_memory.serving_share)."""
     training = training or TrainingConfig()
     quantization = quantization or QuantizationConfig()
     with torch.device("meta"):
@@ -210,7 +178,7 @@ def build_plan(config: PretrainedConfig, lora: LoraSettings, training: TrainingC
     }
     memory = {mode: dict(zip(COMPONENTS, (round(x / GIB, 3) for x in parts), strict=True)) | {
         "total": round(sum(parts) / GIB, 3)} for mode, parts in raw.items()}
-    gpu_gib = {gpu: round(mib / 1024 - MARGIN_GIB, 2) for gpu, mib in GPUS_MIB.items()}
+    gpu_gib = usable_gib(share)
     fits = {gpu: [mode for mode in MODES if sum(raw[mode]) / GIB <= usable] for gpu, usable in gpu_gib.items()}
     assumptions = [
         "estimates, not measurements: activations from formulas (Korthikanti et al. per layer, eager attention; "
@@ -224,8 +192,10 @@ def build_plan(config: PretrainedConfig, lora: LoraSettings, training: TrainingC
         f"batch {b} x {s} tokens (max_length, no packing), gradient checkpointing "
         f"{'on' if training.gradient_checkpointing else 'off'}; logits b·s·V fp32 = {logits / GIB:.2f} GiB counted, "
         f"the loss backward's transient fp32 b·s·V buffers (~{2 * logits / GIB:.1f} GiB more) not counted",
-        f"fits: total <= GPU memory - {MARGIN_GIB:g} GiB (CUDA context, fragmentation); paged optimizers can spill "
-        "to CPU; T4 has no bf16 (use fp16 there)",
+        f"fits: total <= GPU memory x (1 - {share:g} serving share) - {MARGIN_GIB:g} GiB (CUDA context, "
+        "fragmentation); the serving share is serving.gpu_memory_utilization when serving is enabled and the model is "
+        "not on the CPU (vLLM beside the training on one GPU); paged optimizers can spill to CPU; T4 has no bf16 "
+        "(use fp16 there)",
     ]
     return TrainingPlan(
         name=name, base=base, revision=revision, config_source=config_source,
@@ -236,7 +206,7 @@ def build_plan(config: PretrainedConfig, lora: LoraSettings, training: TrainingC
         other_trainable_params=trainable_params - sum(m.total for m in modules), adapter_dtype=adapter_dtype,
         adapter_bytes=adapter_bytes, batch_size=b, max_length=s,
         gradient_checkpointing=training.gradient_checkpointing, optim=training.optim,
-        double_quant=quantization.double_quant, memory_gib=memory, gpu_gib=gpu_gib, fits=fits,
+        double_quant=quantization.double_quant, memory_gib=memory, serving_share=share, gpu_gib=gpu_gib, fits=fits,
         assumptions=assumptions,
     )
 
@@ -244,7 +214,7 @@ def build_plan(config: PretrainedConfig, lora: LoraSettings, training: TrainingC
 def plan_job(job: JobConfig) -> TrainingPlan:
     config, source = load_base_config(job.model)
     return build_plan(config, job.lora, job.training, job.quantization, name=job.name, base=job.model.base,
-                      revision=job.model.revision, config_source=source)
+                      revision=job.model.revision, config_source=source, share=serving_share(job))
 
 
 def format_plan(plan: TrainingPlan) -> str:
@@ -275,7 +245,8 @@ def format_plan(plan: TrainingPlan) -> str:
         fits = [gpu for gpu, modes in plan.fits.items() if mode in modes]
         lines.append(f"{mode:<17}" + "".join(f"{parts[c]:>12.2f}" for c in (*COMPONENTS, "total"))
                      + f"  {', '.join(fits) or 'none of the GPUs below'}")
-    lines += ["", "usable GiB: " + ", ".join(f"{gpu} {gib:.2f}" for gpu, gib in plan.gpu_gib.items())]
+    served = f" (after serving's {plan.serving_share:.0%} of each GPU)" if plan.serving_share else ""
+    lines += ["", f"usable GiB{served}: " + ", ".join(f"{gpu} {gib:.2f}" for gpu, gib in plan.gpu_gib.items())]
     lines += [f"{gpu}: {', '.join(modes) or '-'}" for gpu, modes in plan.fits.items()]
     lines += ["", "assumptions:"] + [f"  - {a}" for a in plan.assumptions]
     return "\n".join(lines)

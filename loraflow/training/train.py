@@ -19,7 +19,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from loraflow.bases import load_tokenizer
+from loraflow.base.load import load_tokenizer
 from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
@@ -115,6 +115,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_gpu_peak(device: str) -> None:
+    """The peak from here on: loading the base is part of it, a previous step of the same process is not."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gpu_mb(device: str) -> dict[str, float]:
+    """The CUDA caching allocator's peaks since reset_gpu_peak: allocated (tensors: what `loraflow plan` estimates)
+    and reserved (what nvidia-smi sees, fragmentation included). Empty on CPU."""
+    if device != "cuda":
+        return {}
+    return {"peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "peak_gpu_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+
+
 def train_adapter(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
                   training: TrainingConfig, out_dir: Path, key: str, tracking: Tracking | None = None) -> TrainResult:
     """Train (or resume) the adapter in `out_dir`: in this process, or on `training.num_processes` workers that
@@ -138,7 +153,9 @@ def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: 
     main = args.process_index == 0  # reading it sets up the process group under `accelerate launch`
     tokenizer = load_tokenizer(model)
     data = load_from_disk(chat.tokenized_dir)
-    base = load_base_model(model, quant, quantized=True, fsdp=uses_fsdp(training))
+    reset_gpu_peak(device_for(model))
+    base = load_base_model(model, quant, quantized=True, fsdp=uses_fsdp(training),
+                           padding_free=training.padding_free)
     resume_from = last_complete_checkpoint(Path(args.output_dir))
     if resume_from and main:
         log.info("resuming training from %s", resume_from)
@@ -184,6 +201,7 @@ def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: 
         # Steps/s misleads across set-ups (two GPUs halve the steps at the same it/s): examples/s compares.
         "train_examples_per_second": timer.steps * examples_per_step / elapsed if elapsed > 0 else 0.0,
         "peak_rss_mb": peak_rss_mb(),
+        **peak_gpu_mb(device_for(model)),
         "trainable_params": float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
         "adapter_bytes": float(sum((adapter_dir / f).stat().st_size for f in ADAPTER_FILES)),
     }

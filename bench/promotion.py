@@ -30,9 +30,10 @@ configure_environment()
 from loraflow.config.lora import ALL_LINEAR  # noqa: E402
 from loraflow.localstack.running import TINY_KO, RunningStack, set_alias_like_the_ui, stable_root, stack_record  # noqa: E402
 from loraflow.process import free_port, wait_for  # noqa: E402
+from loraflow.registry.adapter_store import AdapterRegistry  # noqa: E402
 from loraflow.registry.client import client_at  # noqa: E402
 from loraflow.serving.names import versioned_name  # noqa: E402
-from loraflow.tiny.adapters import AdapterRegistry, make_adapter  # noqa: E402
+from loraflow.tiny.adapters import make_adapter  # noqa: E402
 from loraflow.tiny.base import tiny_ko_dir  # noqa: E402
 from loraflow.tiny.shared_models import share_built_models  # noqa: E402
 

@@ -38,7 +38,7 @@ class DatasetResult(StepResult):
 
 
 class ChatResult(StepResult):
-    """`path` holds `tokenized/` (input_ids + assistant_masks per split) and `lengths.png`."""
+    """`path` holds `tokenized/` (input_ids + assistant_masks per split) and `token_lengths.png`."""
 
     dataset_sha: str
     template_sha: str

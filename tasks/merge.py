@@ -16,9 +16,9 @@ from tasks.prefect_glue import accelerator
 # No Prefect cache: the content-addressed step directory already makes a repeat cheap, and the merged model must
 # be attached to whichever run registered this adapter.
 @task(name="merge", cache_policy=NO_CACHE)
-def merge(config: JobConfig, trained: TrainResult, version: RegisteredVersion,
+def merge(job: JobConfig, trained: TrainResult, version: RegisteredVersion,
           decision: PromotionDecision) -> MergeResult | None:
-    if not config.merge.enabled:
+    if not job.merge.enabled:
         return None
     if decision.alias != CHAMPION:
         get_run_logger().info("merge: %s v%s is %s, not champion: not merged (`loraflow merge CONFIG --version %s` "
@@ -28,4 +28,4 @@ def merge(config: JobConfig, trained: TrainResult, version: RegisteredVersion,
     from loraflow.training.merge import merge_registered
 
     # An fp32 merge on the GPU needs 4 bytes per parameter there: the slot, as for training.
-    return merge_registered(config, trained.adapter_dir, trained.adapter_sha, version.run_id, slot=accelerator)
+    return merge_registered(job, trained.adapter_dir, trained.adapter_sha, version.run_id, slot=accelerator)

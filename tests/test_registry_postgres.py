@@ -22,16 +22,11 @@ from loraflow.hashing import sha_of
 from loraflow.localstack.lifecycle import describe, recorded_process
 from loraflow.localstack.mlflow_auth import PASSWORD_ENV, USERNAME_ENV
 from loraflow.registry.client import client_at
+from loraflow.registry.download import download_version
 from loraflow.registry.register import RUN_KEY_TAG, first_version, register_adapter
 from loraflow.registry.rollback import move_alias
 from loraflow.serving.canary import CanaryVerdict
-from loraflow.serving.registry_view import (
-    CANARY_TAG,
-    aliased_versions,
-    download_version,
-    failed_before,
-    record_canary,
-)
+from loraflow.serving.registry_view import CANARY_TAG, aliased_versions, failed_before, record_canary
 from tasks.register import register
 from tests.fixtures import ATTENTION, TINY_CONFIG, RegistryFixture, make_adapter
 from tests.fixtures.postgres import PostgresRegistry, register_keys, registry_job, step_outputs

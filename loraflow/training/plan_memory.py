@@ -7,13 +7,13 @@ import json
 import math
 
 from loraflow.config.job import JobConfig
+from loraflow.config.serving import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
 
 GIB = 1024**3
 # Memory as nvidia-smi reports it (MiB), less MARGIN_GIB for the CUDA context, cuBLAS workspaces and fragmentation.
 GPUS_MIB = {"T4 16 GB": 15360, "L4 24 GB": 23034, "A10 24 GB": 23028, "L40S 48 GB": 46068, "A100 80 GB": 81920,
             "H100 80 GB": 81559, "H200 141 GB": 143771}
 MARGIN_GIB = 1.0
-VLLM_DEFAULT_UTILIZATION = 0.9  # vLLM's own gpu_memory_utilization when the config leaves it None
 
 
 def serving_share(job: JobConfig) -> float:
@@ -24,7 +24,7 @@ def serving_share(job: JobConfig) -> float:
     if not job.serving.enabled or job.model.device == "cpu":
         return 0.0
     utilization = job.serving.gpu_memory_utilization
-    return VLLM_DEFAULT_UTILIZATION if utilization is None else utilization
+    return VLLM_DEFAULT_GPU_MEMORY_UTILIZATION if utilization is None else utilization
 
 
 def usable_gib(share: float) -> dict[str, float]:

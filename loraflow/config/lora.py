@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from loraflow.config.base import Section
+from loraflow.config.base import DtypeName, Section
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # peft's own shorthand: every linear layer but the output head (on Qwen2, exactly ALL_LINEAR).
@@ -36,7 +36,7 @@ class QuantizationConfig(Section):
                                                   "(bitsandbytes); `none`: plain LoRA on a full-precision base.")
     double_quant: bool = Field(default=True, description="Also quantize the quantization constants (saves ~0.4 "
                                "bit/parameter).")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    compute_dtype: DtypeName = Field(
         default="auto", description="The dtype 4-bit weights are computed in; `auto`: bf16 on a GPU that has it, "
         "fp16 on one that has not, fp32 on CPU.")
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
 
 from pydantic import Field, field_validator
 
-from loraflow.config.base import Section
+from loraflow.config.base import DeviceName, DtypeName, Section
 
 EMBEDDED_PREFIX = "embedded:"
 ATTENTION_NAMES = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
@@ -21,13 +20,13 @@ class ModelConfig(Section):
 
     base: str = Field(description="The base model: a hub id, a local directory, or `embedded:tiny-ko` (built by "
                       "loraflow, no download).")
-    # Resolved by loraflow.data.sources.resolve_model_revision: what keys and lineage record, what serving can pass.
+    # Resolved by loraflow/base/revision.py: what keys and lineage record, what serving can pass.
     revision: str | None = Field(default=None, description="A hub base's branch, tag or commit (None: `main`); a "
                                  "branch or tag is resolved to its commit at each run.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: DtypeName = Field(
         default="auto", description="The dtype the base is loaded in; `auto`: bf16 on a GPU that has it, fp16 on "
         "one that has not, fp32 on CPU.")
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the model runs; `auto`: "
+    device: DeviceName = Field(default="auto", description="Where the model runs; `auto`: "
                                                    "cuda when a GPU is visible, else cpu.")
     # It replaces the tokenizer's own so that assistant-only loss works (`{% generation %}` markers) and serving
     # uses the exact template the adapter was trained with.

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
-from loraflow.config.base import Section
+from loraflow.config.base import DeviceName, DtypeName, Section
 
 VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's own --gpu-memory-utilization when the config leaves it None
 
@@ -18,11 +16,11 @@ class MergeConfig(Section):
     enabled: bool = Field(default=False, description="Merge the adapter of a version the promote step made "
                           "champion into its base and attach the merged model to the version's run (a rejected or "
                           "challenger version is not merged; `loraflow merge CONFIG --version N` merges one later).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: DtypeName = Field(
         default="auto", description="The saved dtype; `auto`: the model section's (the serving dtype: fp32 on CPU, "
         "bf16 on a bf16 GPU).")
     # fp32 weights are 4 bytes/parameter (7B: ~31 GB), so on a 24 GB GPU set `cpu` (needs that much RAM).
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the fp32 merge runs; `auto`: "
+    device: DeviceName = Field(default="auto", description="Where the fp32 merge runs; `auto`: "
                                                    "model.device.")
     max_abs_logit_diff: float = Field(default=1e-3, gt=0, description="Merged logits must match base + adapter "
                                       "(both fp32) within this bound on the check prompts.")
@@ -77,7 +75,7 @@ class ServingConfig(Section):
                                       "the adapters to serve and `lora.r`, rounded up to a rank vLLM accepts.")
     max_model_len: int | None = Field(default=None, gt=0, description="vLLM's `--max-model-len`; None: the "
                                       "model's own.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: DtypeName = Field(
         default="auto", description="The served dtype; `auto`: the model's dtype on its device (fp32 on CPU, bf16 "
         "on a GPU that has it, else fp16).")
     cpu_kv_cache_gib: int = Field(default=1, gt=0, description="vLLM's CPU KV cache in GiB "

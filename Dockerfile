@@ -35,5 +35,7 @@ RUN pip install -c requirements/cuda.txt -e ".[serve-cuda,k8s]"
 
 # State (Hugging Face cache, step outputs, checkpoints) lives here; the pool template mounts a volume claim on it.
 ENV LORAFLOW_HOME=/var/lib/loraflow
-# The Kubernetes worker sets the command (`prefect flow-run execute`); this one only shows the image works.
+# The Kubernetes worker sets the command (`prefect flow-run execute`); this one only shows the image works. On a GPU
+# node, `docker run --gpus all IMAGE loraflow check-gpu` proves bitsandbytes' CUDA library loads and NF4-quantizes
+# there (a build has no GPU to run it on).
 CMD ["loraflow", "--help"]

@@ -61,7 +61,7 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, tokens: int) 
     return reply.json()["usage"]["completion_tokens"]
 
 
-async def _burst(url: str, model: str, tokens: int) -> float:
+async def burst(url: str, model: str, tokens: int) -> float:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         await _one(client, model, PROMPTS[0], 4)  # warm-up
         start = time.perf_counter()
@@ -101,7 +101,7 @@ def served_throughput(
                 httpx.post(
                     f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": adapter}, timeout=120
                 ).raise_for_status()
-            results[label] = asyncio.run(_burst(url, name, tokens))
+            results[label] = asyncio.run(burst(url, name, tokens))
         return results
     finally:
         server.stop()

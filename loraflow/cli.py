@@ -7,7 +7,7 @@ Each subcommand is a small typed function over the plain functions of the stages
     loraflow run configs/tiny-ko.yaml --set training.epochs=1
     loraflow serve configs/tiny-ko.yaml [--stop]   reconcile vLLM with the registry's aliases now
     loraflow promote tiny-ko 3 | rollback tiny-ko 2 | versions tiny-ko
-    loraflow plan configs/qwen-ko.yaml [--json]    parameters and memory per mode, offline
+    loraflow plan configs/qwen-ko.yaml [--json]    parameters and memory per mode, offline (--probe: measured here)
     loraflow schema [--output configs/schema.json] the job config's JSON Schema (field help for editors)
     loraflow ask configs/tiny-ko.yaml "질문"        the served champion through the openai client
     loraflow merge configs/qwen-ko.yaml --version 3  merge a version promoted by hand (the flow merges champions)
@@ -170,11 +170,17 @@ def versions(model: str, tracking_uri: str | None) -> int:
     return 0
 
 
-def plan(config: str, as_json: bool) -> int:
-    from loraflow.training.plan import format_plan, plan_job
+def plan(config: str, as_json: bool, probe: bool, steps: int, rows: int | None) -> int:
+    """Offline; --probe measures a few training steps on this machine instead (loraflow/training/probe.py)."""
+    if probe:
+        from loraflow.training.probe import format_probe, probe_and_log
 
-    planned = plan_job(load_config(config))
-    print(json.dumps(planned.model_dump(mode="json"), indent=2) if as_json else format_plan(planned))
+        planned, text = probe_and_log(load_config(config), steps, rows), format_probe
+    else:
+        from loraflow.training.plan import format_plan, plan_job
+
+        planned, text = plan_job(load_config(config)), format_plan
+    print(json.dumps(planned.model_dump(mode="json"), indent=2) if as_json else text(planned))
     return 0
 
 
@@ -258,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("plan", plan, "trainable/total parameters, adapter size and memory per mode, offline")
     config_arg(sub)
     sub.add_argument("--json", dest="as_json", action="store_true")
+    sub.add_argument("--probe", action="store_true", help="measure a few worst-case training steps here, log to MLflow")
+    sub.add_argument("--steps", type=int, default=5, help="--probe: optimizer steps to measure (default 5)")
+    sub.add_argument("--rows", type=int, help="--probe: training rows to project onto (default: the built dataset)")
     sub = command("ask", ask, "ask the served champion through the openai client")
     config_arg(sub)
     sub.add_argument("prompt", nargs="?", default=None)

@@ -42,7 +42,7 @@ def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | N
     decision = promote(job, version, evaluated)
     merged = merge(job, trained, version, decision)  # only a version this decision made champion
     served = deploy(job)
-    parity = served_parity(job, version, served)
+    parity = served_parity(job, version)  # as it answers after deploy; not checked when nothing serves it
 
     return {
         "job": job.name,

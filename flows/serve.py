@@ -1,5 +1,6 @@
 """The `serve` flow, the serving reconciler: vLLM serves exactly the registry's aliased versions, each under
 its immutable name (`tiny-ko-v3`), with the stable name (`tiny-ko`) following `champion` (docs/serving.md).
+A pass that routes a champion not parity-checked yet announces it; `parity/<job>` checks it (flows/parity.py).
 
     loraflow serve configs/tiny-ko.yaml          # one pass now; starts vLLM + router if not running
     prefect deployment run serve/tiny-ko         # the same pass through the local stack
@@ -14,6 +15,7 @@ from prefect import flow
 
 from loraflow.config import load_config
 from tasks.deploy import deploy
+from tasks.served_parity import announce_champion
 
 
 @flow(name="serve")
@@ -24,4 +26,5 @@ def serve(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | None
     `promoted_at` is set by the alias-event trigger (deployments/prefect.yaml): the time of the alias move."""
     job = load_config(config, {**(overrides or {}), "serving.enabled": True})
     report = deploy(job, start=start, promoted_at=promoted_at)
-    return report.model_dump() if report else {"serving": "off"}
+    announced = announce_champion(job, report)
+    return {**report.model_dump(), "parity_requested_for": announced} if report else {"serving": "off"}

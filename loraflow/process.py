@@ -61,6 +61,17 @@ def is_healthy(url: str) -> bool:
         return False
 
 
+def answers_within(url: str, timeout_s: float) -> bool:
+    """Whether `url` answers 200 within `timeout_s`: a live server on a loaded machine (its SQLite busy, say) can
+    miss one 2-second probe, and one miss must not be taken for a dead server."""
+    deadline = time.monotonic() + timeout_s
+    while not is_healthy(url):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1)
+    return True
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,5 +1,6 @@
-"""Prefect glue shared by the tasks: cross-run cache keys, which failures are retried, the `accelerator` slot, and
-the links between a Prefect flow run and its MLflow run. The plain functions under loraflow/ know nothing of Prefect.
+"""Prefect glue shared by the tasks: cross-run cache keys, which failures are retried, concurrency slots (the
+`accelerator`), and the links between a Prefect flow run and its MLflow run. The plain functions under loraflow/
+know nothing of Prefect.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import inspect
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,21 +84,27 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 @contextmanager
-def accelerator(timeout_seconds: float | None = None) -> Iterator[None]:
-    """Hold the machine's accelerator for the body; waits (forever by default) while another run holds it.
+def holding(limit: str, timeout_seconds: float | None = None) -> Iterator[None]:
+    """Hold a slot of the global concurrency limit `limit` for the body; waits (forever by default) while others
+    hold every slot.
 
     Prefect only counts slots against a limit that exists, and with `strict=False` a missing limit silently
     lets everyone through: so the limit is created on first use (size 1) and taken with `strict=True`.
     """
-    ensure_limit()
+    ensure_limit(limit)
     logger = _logger()
-    logger.info("Waiting for concurrency slot %r", ACCELERATOR_LIMIT)
+    logger.info("Waiting for concurrency slot %r", limit)
     # A transient failure to renew the lease must not kill hours of training: keep going.
-    with concurrency(ACCELERATOR_LIMIT, occupy=1, timeout_seconds=timeout_seconds, lease_duration=LEASE_SECONDS,
+    with concurrency(limit, occupy=1, timeout_seconds=timeout_seconds, lease_duration=LEASE_SECONDS,
                      strict=True, raise_on_lease_renewal_failure=False):
-        logger.info("Holding concurrency slot %r", ACCELERATOR_LIMIT)
+        logger.info("Holding concurrency slot %r", limit)
         yield
-    logger.info("Released concurrency slot %r", ACCELERATOR_LIMIT)
+    logger.info("Released concurrency slot %r", limit)
+
+
+def accelerator(timeout_seconds: float | None = None) -> AbstractContextManager[None]:
+    """Hold the machine's accelerator for the body; waits (forever by default) while another run holds it."""
+    return holding(ACCELERATOR_LIMIT, timeout_seconds)
 
 
 def prefect_flow_run_url(flow_run_id: str) -> str | None:

@@ -1,4 +1,5 @@
-"""Prefect task: after deploy, score the served version and compare it with what the gate judged."""
+"""Prefect tasks: score the served version and compare it with what the gate judged (the finetune flow after its
+deploy, the `parity` flow for a champion a `serve` run routed), and announce such a champion to `parity/<job>`."""
 
 from __future__ import annotations
 
@@ -7,32 +8,57 @@ from typing import TYPE_CHECKING
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from loraflow.config.job import JobConfig
 from loraflow.results import RegisteredVersion
-from loraflow.serving.names import versioned_name
-from loraflow.serving.records import running_endpoint
-from tasks.prefect_glue import artifact_key
+from loraflow.serving.names import version_of, versioned_name
+from tasks.prefect_glue import artifact_key, holding, retry_transient
 
 if TYPE_CHECKING:  # lm-eval and the serving code load on use
     from loraflow.evaluation.served_parity import ParityReport
     from loraflow.serving.reconcile import ReconcileReport
+    from loraflow.serving.records import ServedNow
+
+# What a `serve` run emits after routing a champion not checked yet; deployments/prefect.yaml triggers
+# `parity/<job>` on it (the check takes minutes: inside the serve run it would hold up the next alias move).
+CHAMPION_ROUTED = "loraflow.champion.routed"
 
 
 # Not cached: it measures the running servers; the plain function skips a version already checked under the same
 # serving set-up.
 @task(name="served_parity", cache_policy=NO_CACHE)
-def served_parity(job: JobConfig, version: RegisteredVersion, served: ReconcileReport | None) -> ParityReport | None:
-    logger = get_run_logger()
-    name = versioned_name(version.model_name, version.version)
-    endpoint = running_endpoint(version.model_name)
-    if served is None or endpoint is None or name not in served.loaded:
-        logger.info("served parity: %s is not served (serving off, or no alias on it): not checked", name)
-        return None
-    from loraflow.evaluation.served_parity import check_served_parity
+def served_parity(job: JobConfig, version: RegisteredVersion, as_champion: bool = False) -> ParityReport | None:
+    """Only a version the job's servers serve now is checked; `as_champion`: only while the stable name answers
+    with it (a champion that moved on meanwhile is not)."""
+    from loraflow.evaluation.served_parity import check_served_parity, parity_applies
+    from loraflow.serving.records import served_now
     from loraflow.serving.vllm_server import api_key
 
-    report = check_served_parity(job, version, endpoint.router_url, api_key(job.serving))
+    logger = get_run_logger()
+    name = versioned_name(version.model_name, version.version)
+    if not job.serving.enabled or not parity_applies(job):
+        logger.info("served parity: off for %s (serving or serving.parity off, or nothing to score)", name)
+        return None
+    key = api_key(job.serving)
+    # One check per model at a time: the finetune flow and `parity/<job>` may reach the same version together
+    # (its promotion also triggers a `serve` run); the second then finds the first's verdict and skips.
+    with holding(f"served-parity-{artifact_key(version.model_name)}"):
+        now = served_now(version.model_name, key)
+        why = _not_answering(now, name, as_champion)
+        if now is None or why is not None:
+            logger.info("served parity of %s: %s: not checked", name, why)
+            return None
+        try:
+            report = check_served_parity(job, version, now.router_url, key)
+        except Exception:
+            # An alias move mid-check makes the reconciler unload it (lm-eval then gets 404s): not a failed check.
+            # Servers down or restarting are a failure: nothing routes it anew to check it again.
+            after = served_now(version.model_name, key)
+            if after is None or (why := _not_answering(after, name, as_champion)) is None:
+                raise
+            logger.info("served parity of %s: %s (during the check): not checked", name, why)
+            return None
     if report is not None:
         rows = "\n".join(f"| {m.metric} | {m.served:.4f} | {m.registered:.4f} | {m.tolerance:.4f} | "
                          f"{'ok' if m.within else '**out**'} |" for m in report.metrics)
@@ -42,3 +68,45 @@ def served_parity(job: JobConfig, version: RegisteredVersion, served: ReconcileR
             markdown=f"### served parity of {name}: {'passed' if report.passed else 'FAILED'}\n\n"
                      f"| metric | served | registered | tolerance | |\n|---|---:|---:|---:|---|\n{rows}\n")
     return report
+
+
+def _not_answering(now: ServedNow | None, name: str, as_champion: bool) -> str | None:
+    """Why `name` is not to be checked on the job's servers; None when it answers as required."""
+    if now is None:
+        return "its servers do not run, or do not answer (stopped, or vLLM restarting)"
+    if name not in now.loaded:
+        return "not loaded (no alias on it)"
+    if as_champion and now.routed != name:
+        return f"the stable name answers with {now.routed} now"
+    return None
+
+
+# Retries: a registry that is unreachable for a while (an MLflow restart) must not lose the check.
+@task(name="promoted_version", retries=2, retry_delay_seconds=[10, 30], retry_condition_fn=retry_transient)
+def promoted_version(job: JobConfig, version: str) -> RegisteredVersion:
+    """The registry's version `version` of the job's model, as the register step returns it."""
+    from loraflow.registry.register import registered_version
+
+    return registered_version(job.registry, job.registry.model_name, version)
+
+
+@task(name="announce_champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
+      retry_condition_fn=retry_transient)
+def announce_champion(job: JobConfig, served: ReconcileReport | None) -> str | None:
+    """After a reconcile pass that pointed the stable name at a version with no parity verdict under this serving
+    set-up, emit CHAMPION_ROUTED for it; returns that version. A pass that routed nothing new (every polling pass
+    in between) emits nothing, so `parity/<job>` runs once per new champion."""
+    from loraflow.evaluation.served_parity import parity_applies, parity_verdict
+
+    model = job.registry.model_name
+    if served is None or not served.rerouted or model not in served.routes or not parity_applies(job):
+        return None
+    version = version_of(model, served.routes[model])
+    if version is None or parity_verdict(job, model, version) is not None:
+        return None
+    emit_event(event=CHAMPION_ROUTED, resource={"prefect.resource.id": f"loraflow.served-model.{model}",
+                                                "prefect.resource.name": model},
+               payload={"version": version, "served_name": served.routes[model]})
+    get_run_logger().info("%s now answers as %s, not parity-checked yet: %s emitted for parity/%s", model,
+                          served.routes[model], CHAMPION_ROUTED, job.name)
+    return version

@@ -32,8 +32,8 @@ LIMIT = 6  # items per task checked by hand
 
 
 @pytest.fixture(scope="module")
-def job(tiny_config: JobConfig) -> JobConfig:
-    return tiny_config
+def job(tiny_job: JobConfig) -> JobConfig:
+    return tiny_job
 
 
 @pytest.fixture(scope="module")

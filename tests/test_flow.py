@@ -114,7 +114,7 @@ def test_changing_a_lora_field_retrains_but_reuses_dataset_and_chat(finetune_run
 
 
 @pytest.mark.slow  # three runs of the real flow
-def test_a_directory_source_retrains_exactly_when_new_data_lands(tmp_path: Path, tiny_config) -> None:
+def test_a_directory_source_retrains_exactly_when_new_data_lands(tmp_path: Path, tiny_job) -> None:
     """Scheduled retraining on a folder that data lands in: an unchanged run is a cached no-op; a new file trains
     a new version, judged against the champion, whose lineage says which data changed."""
     incoming = tmp_path / "incoming"

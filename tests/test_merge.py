@@ -154,7 +154,7 @@ def merge_flow(job: JobConfig, trained: TrainResult, version: RegisteredVersion,
 
 
 @pytest.fixture
-def registered(tiny_config: JobConfig, adapter_dir: Path, tmp_path: Path) -> tuple[JobConfig, TrainResult,
+def registered(tiny_job: JobConfig, adapter_dir: Path, tmp_path: Path) -> tuple[JobConfig, TrainResult,
                                                                                     RegisteredVersion]:
     """The adapter as the train step leaves it and registered as the register step does (`adapter_sha` tag)."""
     train_dir = tmp_path / "train"
@@ -164,8 +164,8 @@ def registered(tiny_config: JobConfig, adapter_dir: Path, tmp_path: Path) -> tup
     number = registry.register(train_dir / "adapter")
     registry.client().set_model_version_tag("tiny-merge", number, "adapter_sha", sha)
     version = registry.client().get_model_version("tiny-merge", number)
-    job = tiny_config.model_copy(update={
-        "registry": tiny_config.registry.model_copy(update={"model_name": "tiny-merge",
+    job = tiny_job.model_copy(update={
+        "registry": tiny_job.registry.model_copy(update={"model_name": "tiny-merge",
                                                             "tracking_uri": registry.tracking_uri}),
         "merge": MergeConfig(enabled=True, max_shard_size="2MB")})
     trained = TrainResult(key="k", path=str(train_dir), adapter_sha=sha, metrics={})

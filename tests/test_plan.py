@@ -203,8 +203,8 @@ def test_hub_cache_copy_is_used_when_present(tmp_path: Path):
         assert {m["layers"] for m in plan["modules"]} == {2}
 
 
-def test_tiny_ko_plan_matches_the_real_training(trained, tiny_config: JobConfig):
-    plan = plan_job(tiny_config)
+def test_tiny_ko_plan_matches_the_real_training(trained, tiny_job: JobConfig):
+    plan = plan_job(tiny_job)
     assert plan.config_source.startswith("embedded: ")
     assert plan.trainable_params == int(trained.metrics["trainable_params"])
     assert sum(m.total for m in plan.modules) == plan.trainable_params

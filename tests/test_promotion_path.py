@@ -6,7 +6,6 @@ server, worker, MLflow server, receiver) and real vLLM; the tests run in file or
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from loraflow.localstack.running import set_alias_like_the_ui, stable_root, stac
 from loraflow.process import stop_process, wait_for
 from loraflow.registry.client import client_at
 from loraflow.serving.names import versioned_name
-from tests.fixtures import ALL_LINEAR, RegistryFixture, RunningStack, free_port, make_adapter
+from tests.fixtures import ALL_LINEAR, RegistryFixture, RunningStack, make_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -38,20 +37,6 @@ def versions(local_stack: RunningStack, tiny_base_dir: Path, tmp_path_factory: p
             for seed in (21, 22)]
 
 
-@pytest.fixture(scope="module")
-def router(local_stack: RunningStack, versions: list[str]):
-    """vLLM + router for tiny-ko started by the serve deployment on free ports; stopped the way a person does."""
-    overrides = json.dumps({"serving.port": free_port(), "serving.vllm_port": free_port()})
-    local_stack.run_deployment("serve/tiny-ko", "--param", f"overrides={overrides}", "--param", "start=true")
-    try:
-        yield stack_record(local_stack)["endpoint"]["router_url"]
-    finally:
-        local_stack.cli("loraflow", "serve", "configs/tiny-ko.yaml", "--stop")
-        with local_stack.client() as client:
-            serve = client.read_deployment_by_name(f"serve/{MODEL}")
-        assert [s.active for s in serve.schedules] == [False], "polling must stop with the servers"
-
-
 def alias_events(stack: RunningStack, since: datetime) -> list[dict]:
     """The receiver's Prefect events for this model's alias moves since `since`, oldest first."""
     with stack.client() as client:
@@ -63,13 +48,13 @@ def alias_events(stack: RunningStack, since: datetime) -> list[dict]:
 
 
 def test_alias_moves_through_mlflow_rest_reach_the_stable_name(local_stack: RunningStack, versions: list[str],
-                                                                router: str) -> None:
+                                                                stack_router: str) -> None:
     with local_stack.client() as client:
         assert [s.active for s in client.read_deployment_by_name(f"serve/{MODEL}").schedules] == [True]
     since, seconds = datetime.now(UTC) - timedelta(seconds=5), []
     for version in (versions[0], versions[1]):
         set_alias_like_the_ui(local_stack, version)
-        seconds.append(wait_for(lambda v=version: stable_root(router) == versioned_name(MODEL, v), 180))
+        seconds.append(wait_for(lambda v=version: stable_root(stack_router) == versioned_name(MODEL, v), 180))
     print(f"[timing] alias set -> stable name serving it: {seconds}")
     # Each move went through the event path: the receiver emitted one event per move, and the trigger started a
     # `serve` run carrying that move's time that completed, whether or not the 60 s poll reconciled it first (under
@@ -94,29 +79,29 @@ def test_alias_moves_through_mlflow_rest_reach_the_stable_name(local_stack: Runn
         failed = client.request("POST", "/events/filter", json={
             "filter": {"event": {"name": ["prefect.automation.action.failed"]}}, "limit": 10}).json()["events"]
     assert not failed, failed
-    reply = httpx.post(f"{router}/v1/chat/completions", timeout=60, json={
+    reply = httpx.post(f"{stack_router}/v1/chat/completions", timeout=60, json={
         "model": MODEL, "messages": [{"role": "user", "content": "헌법 제1조는?"}], "max_tokens": 8})
     assert reply.status_code == 200 and reply.json()["model"] == versioned_name(MODEL, versions[1])
 
 
 def test_with_the_receiver_down_the_polling_fallback_gets_there(local_stack: RunningStack, versions: list[str],
-                                                                 router: str) -> None:
+                                                                 stack_router: str) -> None:
     stop_process(recorded_process(local_stack.stack, "webhook"))
     set_alias_like_the_ui(local_stack, versions[0])
-    seconds = wait_for(lambda: stable_root(router) == versioned_name(MODEL, versions[0]), 60 + 120)
+    seconds = wait_for(lambda: stable_root(stack_router) == versioned_name(MODEL, versions[0]), 60 + 120)
     print(f"[timing] alias set -> stable name serving it (polling fallback, receiver down): {seconds:.1f} s")
     local_stack.up()  # the receiver comes back; `up` starts only what is not running
 
 
 def test_a_killed_vllm_is_restarted_and_the_stable_name_answers_again(local_stack: RunningStack,
-                                                                      versions: list[str], router: str) -> None:
+                                                                      versions: list[str], stack_router: str) -> None:
     processes = stack_record(local_stack)["processes"]
     vllm = psutil.Process(processes["vllm"]["pid"])
     vllm.kill()  # SIGKILL, the leader alone, as the OOM killer would
 
     def answers() -> bool:
         try:
-            reply = httpx.post(f"{router}/v1/chat/completions", timeout=30, json={
+            reply = httpx.post(f"{stack_router}/v1/chat/completions", timeout=30, json={
                 "model": MODEL, "messages": [{"role": "user", "content": "국회는?"}], "max_tokens": 4})
         except httpx.HTTPError:
             return False
@@ -128,4 +113,4 @@ def test_a_killed_vllm_is_restarted_and_the_stable_name_answers_again(local_stac
     print(f"[timing] vLLM SIGKILL -> stable name answers again: {seconds:.1f} s")
     after = stack_record(local_stack)["processes"]
     assert after["router"]["pid"] == processes["router"]["pid"] and after["vllm"]["pid"] != vllm.pid
-    assert stack_record(local_stack)["endpoint"]["router_url"] == router  # back on the same port
+    assert stack_record(local_stack)["endpoint"]["router_url"] == stack_router  # back on the same port

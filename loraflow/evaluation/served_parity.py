@@ -73,6 +73,17 @@ def parity_key(job: JobConfig) -> str:
     return sha_of(serving, job.eval.benchmarks.model_dump(mode="json"), job.eval.heldout.model_dump(mode="json"))[:16]
 
 
+def parity_applies(job: JobConfig) -> bool:
+    """Whether the job has anything to score as served (benchmark tasks or the held-out task) and the check is on."""
+    return bool(job.eval.benchmarks.tasks or job.eval.heldout.enabled) and job.serving.parity.enabled
+
+
+def parity_verdict(job: JobConfig, model_name: str, version: str) -> str | None:
+    """The version's verdict (`passed`/`failed`) under this job's serving set-up; None when not checked under it."""
+    tags = client_for(job.registry).get_model_version(model_name, version).tags
+    return tags.get(PARITY_TAG) if tags.get(KEY_TAG) == parity_key(job) else None
+
+
 def compare(served: dict[str, float], registered: dict[str, float], stderr_multiple: float) -> list[MetricParity]:
     """Each served `<task>/<metric>` that was also registered as `tuned/...`. The tolerance is per task:
     `stderr_multiple` times the largest standard error of the task's metrics, served or registered (lm-eval gives
@@ -122,13 +133,12 @@ def check_served_parity(job: JobConfig, version: RegisteredVersion, router_url: 
     benchmark tasks, or the check is off) or this version was checked under the same serving set-up (unless
     `force`)."""
     bench = job.eval.benchmarks
-    if not (bench.tasks or job.eval.heldout.enabled) or not job.serving.parity.enabled:
+    if not parity_applies(job):
         return None
     client = client_for(job.registry)
     key = parity_key(job)
-    tags = client.get_model_version(version.model_name, version.version).tags
-    if not force and tags.get(KEY_TAG) == key and PARITY_TAG in tags:
-        log.info("served parity of %s v%s: already %s", version.model_name, version.version, tags[PARITY_TAG])
+    if not force and (verdict := parity_verdict(job, version.model_name, version.version)) is not None:
+        log.info("served parity of %s v%s: already %s", version.model_name, version.version, verdict)
         return None
     served_name = versioned_name(version.model_name, version.version)
     limit = job.serving.parity.limit

@@ -25,7 +25,7 @@ from loraflow.localstack.webhook import EVENTS, WEBHOOK_PATH
 from loraflow.process import (
     ManagedProcess,
     ProcessFailed,
-    is_healthy,
+    answers_within,
     port_holder,
     port_in_use,
     read_record,
@@ -36,6 +36,9 @@ from loraflow.process import (
 from loraflow.registry.client import client_at
 from loraflow.serving.records import running_endpoint, running_servers, stop_all_servers
 
+# A recorded server that is alive may stall for a while under load (Prefect's SQLite locked): how long it may take
+# to answer before it counts as not answering.
+RECORDED_HEALTH_S = 60.0
 # MLflow needs ~25 s to become healthy on an idle machine; give a loaded 2-core machine room.
 HEALTH_TIMEOUT_S = 180.0
 # Start order; `down` stops in reverse. postgres runs only when the registry is on the stack's own PostgreSQL.
@@ -109,7 +112,8 @@ def register_webhook(stack: Stack) -> None:
 def pause_idle_polling(stack: Stack) -> list[str]:
     """After serving servers stopped: their serve/<job> polling schedules pause (else the fallback would start
     them again within a minute). Nothing to do when the stack's Prefect server is not running."""
-    if recorded_process(stack, "prefect-server") is None or not is_healthy(stack.prefect_api_url + "/health"):
+    if recorded_process(stack, "prefect-server") is None or not answers_within(stack.prefect_api_url + "/health",
+                                                                               RECORDED_HEALTH_S):
         return []
     return settle_schedules(stack, schedules.read_schedules(stack.prefect_api_url))
 
@@ -146,7 +150,7 @@ def up(stack: Stack, prefect_file: Path | None = PREFECT_FILE) -> dict[str, floa
             process.wait_healthy(HEALTH_TIMEOUT_S)
             timings[name] = time.monotonic() - started
         for name in ("prefect-server", "mlflow-server"):
-            if not is_healthy(str(stack.service(name).health_url)):
+            if not answers_within(str(stack.service(name).health_url), RECORDED_HEALTH_S):
                 raise StackError(f"{name} is recorded as running but does not answer; `loraflow down`, then up")
         ensure_pool_and_limits(stack.prefect_api_url)
         if recorded_process(stack, "webhook") is None:

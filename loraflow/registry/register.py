@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 import loraflow
 from loraflow.config.job import JobConfig
 from loraflow.config.registry import RegistryConfig
+from loraflow.errors import InputError
 from loraflow.hashing import sha_of, sha_of_files
 from loraflow.registry.client import client_for, ensure_experiment, tracking_uri
 from loraflow.registry.lineage import base_revision_tag, source_tags
@@ -135,9 +136,7 @@ def register_adapter(
     existing = find_version(client, name, run_key)
     if existing is not None:
         log.info("register: %s version %s already holds this adapter and these metrics", name, existing.version)
-        return RegisteredVersion(model_name=name, version=str(existing.version), run_id=existing.run_id,
-                                 experiment_id=client.get_run(existing.run_id).info.experiment_id,
-                                 source=existing.source, tracking_uri=tracking_uri(job.registry), created=False)
+        return _existing(client, job.registry, existing)
 
     lineage = {
         "dataset_sha": dataset.dataset_sha,
@@ -209,6 +208,26 @@ def register_adapter(
     return RegisteredVersion(model_name=name, version=str(version.version), run_id=run_id,
                              experiment_id=experiment_id, source=source, tracking_uri=tracking_uri(job.registry),
                              created=True)
+
+
+def registered_version(registry: RegistryConfig, model_name: str, version: str) -> RegisteredVersion:
+    """A version already in the registry (one a person promoted), as the register step returns it."""
+    client = client_for(registry)
+    try:
+        found = client.get_model_version(model_name, version)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise InputError(f"version {version!r}: {model_name} has no such version ({error.message})") from None
+    if not found.run_id:
+        raise InputError(f"version {version!r}: {model_name} v{version} has no run (not registered from a run)")
+    return _existing(client, registry, found)
+
+
+def _existing(client: MlflowClient, registry: RegistryConfig, version: ModelVersion) -> RegisteredVersion:
+    return RegisteredVersion(model_name=version.name, version=str(version.version), run_id=version.run_id,
+                             experiment_id=client.get_run(version.run_id).info.experiment_id,
+                             source=version.source, tracking_uri=tracking_uri(registry), created=False)
 
 
 def attach_directory(registry: RegistryConfig, run_id: str, directory: str, artifact_path: str) -> None:

@@ -16,6 +16,7 @@ import psutil
 from loraflow import paths
 from loraflow.process import is_healthy, read_record, recorded, stop_record, write_record
 from loraflow.serving.client import ServingClient
+from loraflow.serving.names import version_of
 
 STACK_FILE = "stack.json"
 # How a server of ours shows in `ps`: vLLM's OpenAI server module, or our router module.
@@ -34,6 +35,15 @@ class Endpoint:
 
     def client(self, key: str | None) -> ServingClient:
         return ServingClient(vllm_url=self.vllm_url, router_url=self.router_url, api_key=key)
+
+
+@dataclass(frozen=True)
+class ServedNow:
+    """What a job's running servers serve at this moment."""
+
+    router_url: str
+    loaded: frozenset[str]  # the model's versioned names vLLM serves
+    routed: str | None  # the versioned name the stable name answers with
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,17 @@ def running_endpoint(model_name: str) -> Endpoint | None:
         return None
     endpoint = Endpoint(**record["endpoint"])
     return endpoint if is_healthy(f"{endpoint.router_url}/health") else None
+
+
+def served_now(model_name: str, key: str | None) -> ServedNow | None:
+    """Asked of the job's servers themselves (not of a reconcile report that may be stale by now); None when they
+    do not run."""
+    endpoint = running_endpoint(model_name)
+    if endpoint is None:
+        return None
+    serving = endpoint.client(key)
+    loaded = frozenset(name for name in serving.served_models() if version_of(model_name, name) is not None)
+    return ServedNow(endpoint.router_url, loaded, serving.routes()["routes"].get(model_name))
 
 
 def recovered_endpoint(model_name: str, timeout_s: float) -> Endpoint | None:

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import yaml
@@ -95,6 +96,12 @@ def _stack():
     return Stack.from_env()
 
 
+def _stack_registry() -> AbstractContextManager[str | None]:
+    from loraflow.localstack.lifecycle import stack_registry
+
+    return stack_registry(_stack())
+
+
 def up(registry: str | None, auth: str | None) -> int:
     from loraflow.localstack.lifecycle import describe
     from loraflow.localstack.lifecycle import up as start
@@ -136,24 +143,13 @@ def demo(config: str) -> int:
     return code or ask(config, None, 64)
 
 
-def registry_uri(explicit: str | None) -> str:
-    """Where alias moves go: `--tracking-uri`, else MLFLOW_TRACKING_URI, else the local stack's MLflow server when
-    it is up (only writes through the server fire its webhooks), else the embedded store."""
-    if explicit or os.environ.get("MLFLOW_TRACKING_URI"):
-        return explicit or os.environ["MLFLOW_TRACKING_URI"]
-    from loraflow.localstack.lifecycle import recorded_process
-
-    stack = _stack()
-    return stack.mlflow_url if recorded_process(stack, "mlflow-server") else paths.default_tracking_uri()
-
-
 def promote(model: str, version: str, alias: str, tracking_uri: str | None) -> int:
-    """A person's decision: point `alias` (default champion) at a version, whatever the policy said."""
+    """A person's decision: point `alias` (default champion) at a version, whatever the policy said. The registry:
+    `--tracking-uri`, else MLFLOW_TRACKING_URI (the running stack's MLflow server: `main`), else the embedded one."""
     from loraflow.registry.client import client_at
     from loraflow.registry.rollback import move_alias
 
-    uri = registry_uri(tracking_uri)
-    moved = move_alias(client_at(uri), model, version, alias)
+    moved = move_alias(client_at(tracking_uri or paths.default_tracking_uri()), model, version, alias)
     print(f"{moved.model_name}: {moved.alias} v{moved.previous or '-'} -> v{moved.version}")
     return 0
 
@@ -166,7 +162,7 @@ def versions(model: str, tracking_uri: str | None) -> int:
     from loraflow.registry.client import client_at
     from loraflow.registry.rollback import describe_versions
 
-    print("\n".join(describe_versions(client_at(registry_uri(tracking_uri)), model)))
+    print("\n".join(describe_versions(client_at(tracking_uri or paths.default_tracking_uri()), model)))
     return 0
 
 
@@ -285,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     handler = args.pop("handler")
     args.pop("command")
     configure_environment()  # before Prefect is imported: every piece of state under LORAFLOW_HOME
+    # Commands that read or write the registry use the local stack's MLflow server while it runs.
+    on_registry = handler in (run, serve, merge, promote, rollback, versions) or args.get("probe")
     try:
-        return handler(**args)
+        with _stack_registry() if on_registry else nullcontext():
+            return handler(**args)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2

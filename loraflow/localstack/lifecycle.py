@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,6 +51,25 @@ WEBHOOK_NAME = "loraflow-serving"
 def recorded_process(stack: Stack, name: str) -> psutil.Process | None:
     """The live process `up` recorded for `name`; None if it is gone or its PID was reused."""
     return recorded(read_record(stack.record_file(name)))
+
+
+@contextmanager
+def stack_registry(stack: Stack) -> Iterator[str | None]:
+    """While the stack's MLflow server runs and no MLFLOW_TRACKING_URI says otherwise, a command of this process
+    talks to that server (yields its URL; None otherwise): the stack's experiments keep their artifacts behind it
+    (`mlflow-artifacts:`), which the SQLite file alone cannot reach, and only writes through it fire its webhooks.
+    The environment is restored afterwards."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or recorded_process(stack, "mlflow-server") is None:
+        yield None
+        return
+    added = {key: value for key, value in stack.client_env().items()
+             if key in ("MLFLOW_TRACKING_URI", USERNAME_ENV, PASSWORD_ENV) and key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield stack.mlflow_url
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def start_service(stack: Stack, name: str) -> ManagedProcess:

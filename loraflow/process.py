@@ -105,13 +105,19 @@ def record_of(process: psutil.Process, **extra: Any) -> dict[str, Any]:
     return {"pid": process.pid, "create_time": process.create_time(), **extra}
 
 
+CREATE_TIME_TOLERANCE_S = 2.0
+
+
 def recorded(record: dict[str, Any] | None) -> psutil.Process | None:
     """The live process a record names; None when it is gone or its PID now belongs to another process."""
     if not record:
         return None
     try:
         process = psutil.Process(int(record["pid"]))
-        same = abs(process.create_time() - float(record["create_time"])) < 0.5
+        # psutil derives create_time from the boot time, which /proc/stat gives in whole seconds and which moves
+        # by one when the clock is adjusted: a live server read 1.0 s off its record here. PID reuse inside 2 s
+        # is not a practical risk.
+        same = abs(process.create_time() - float(record["create_time"])) < CREATE_TIME_TOLERANCE_S
     except (psutil.NoSuchProcess, KeyError, ValueError):
         return None
     return process if same and alive(process) else None
@@ -192,9 +198,10 @@ def stop_record(record: dict[str, Any] | None, grace_s: float = STOP_GRACE_S) ->
     if leader is not None:
         return stop_process(leader, grace_s)
     orphans = []
+    started = float(record["create_time"]) - CREATE_TIME_TOLERANCE_S
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getpgid(process.pid) == int(record["pid"]) and process.create_time() >= float(record["create_time"]):
+            if os.getpgid(process.pid) == int(record["pid"]) and process.create_time() >= started:
                 orphans.append(process)
     _signal_all(orphans, signal.SIGKILL)
     if _wait_gone(orphans, 5.0):

@@ -17,7 +17,7 @@ import pytest
 from loraflow import paths
 from loraflow.localstack.lifecycle import stack_registry
 from loraflow.localstack.stack import Stack
-from loraflow.process import write_record
+from loraflow.process import read_record, recorded, write_record
 
 
 @pytest.fixture
@@ -57,3 +57,13 @@ def test_without_a_stack_or_with_an_explicit_uri_nothing_changes(stack: Stack, r
     stack.record_file("mlflow-server").unlink()
     with stack_registry(stack) as uri:
         assert uri is None and paths.default_tracking_uri().startswith("sqlite:")
+
+
+def test_a_record_a_second_off_still_names_its_live_process(stack: Stack, recorded_server: None) -> None:
+    """psutil's create_time moves by a whole second when the boot time it derives from does (seen on a live MLflow
+    server of `make demo`): the record must still name the process, or `loraflow down` leaves it running."""
+    record = read_record(stack.record_file("mlflow-server"))
+    assert record is not None and recorded(record) is not None
+    assert recorded(record | {"create_time": record["create_time"] - 1.0}) is not None
+    assert recorded(record | {"create_time": record["create_time"] + 1.0}) is not None
+    assert recorded(record | {"create_time": record["create_time"] - 30}) is None  # another process on that PID

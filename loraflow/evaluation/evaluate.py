@@ -70,16 +70,19 @@ def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: 
         metrics["eval/heldout_rows"] = float(len(rows))
         files += [str(task_dir / heldout.ROWS_FILE), str(task_dir / heldout.LABELS_FILE)]
     on_vllm = benchmarks.eval_backend(model, evaluation) == "vllm"
-    base = load_base_model(model, quant, quantized=evaluation.precision == "training")
-    for label in ("base", "tuned"):
-        if label == "tuned":
-            base = PeftModel.from_pretrained(base, trained.adapter_dir, is_trainable=False)
-        _perplexity(label, base, held_out, tokenizer, evaluation, metrics)
+
+    def in_process(label: str, measured) -> None:
+        _perplexity(label, measured, held_out, tokenizer, evaluation, metrics)
         if not on_vllm:
-            _lm_eval(label, benchmarks.in_process_lm(base, tokenizer, evaluation.benchmarks.batch_size),
-                     benchmarks.in_process_lm(base, tokenizer, evaluation.heldout.batch_size), evaluation, out_dir,
-                     metrics, files, task_dir)
-    del base
+            _lm_eval(label, benchmarks.in_process_lm(measured, tokenizer, evaluation.benchmarks.batch_size),
+                     benchmarks.in_process_lm(measured, tokenizer, evaluation.heldout.batch_size), evaluation,
+                     out_dir, metrics, files, task_dir)
+
+    measured = load_base_model(model, quant, quantized=evaluation.precision == "training")
+    in_process("base", measured)
+    measured = PeftModel.from_pretrained(measured, trained.adapter_dir, is_trainable=False)
+    in_process("tuned", measured)
+    del measured
     if on_vllm:  # the in-process model's memory is handed back before vLLM asks for its share
         release_device_memory()
         for label, adapter in (("base", None), ("tuned", trained.adapter_dir)):

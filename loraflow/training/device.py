@@ -15,8 +15,8 @@ import torch
 
 from loraflow.config.serving import VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
 from loraflow.errors import LoraflowError
+from loraflow.training.plan_memory import GIB
 
-GIB = 1024**3
 # NF4 round trip of a normal tensor: mean |error| / mean |x| is ~0.09 (the 16 NF4 levels); a kernel that loads but
 # computes garbage gives >= 1.
 NF4_MAX_RELATIVE_ERROR = 0.15

@@ -43,9 +43,10 @@ from loraflow.config import load_config  # noqa: E402
 from loraflow.config.job import JobConfig  # noqa: E402
 from loraflow.config.lora import ALL_LINEAR  # noqa: E402
 from loraflow.config.model import ModelConfig  # noqa: E402
-from loraflow.process import free_port  # noqa: E402
-from loraflow.serving.client import ServingClient  # noqa: E402
-from loraflow.serving.servers import start_stack  # noqa: E402
+from loraflow.serving.client import ServerClient  # noqa: E402
+from loraflow.serving.records import stop_server_record  # noqa: E402
+from loraflow.serving.server_spec import job_demand, server_spec  # noqa: E402
+from loraflow.serving.servers import start_server  # noqa: E402
 from loraflow.tiny.adapters import make_adapter  # noqa: E402
 from loraflow.tiny.base import tiny_ko_dir  # noqa: E402
 from loraflow.training.device import release_device_memory  # noqa: E402
@@ -103,22 +104,21 @@ def served_throughput(job: JobConfig, base_dir: Path, work: Path, tokens: int) -
     release_device_memory()  # what the trainings cached goes back to the driver before vLLM asks for its share
     log.info("starting vLLM (gpu_memory_utilization %s) beside the training's process",
              job.serving.gpu_memory_utilization)
-    stack = start_stack(job, [adapter])
+    spec = server_spec(job)
+    server = start_server(job, spec, job_demand(job, [adapter]))
     try:
-        endpoint = stack.endpoint
-        ServingClient(endpoint.vllm_url, endpoint.router_url).load_adapter(ADAPTER_NAME, str(adapter))
-        return {label: asyncio.run(burst(endpoint.vllm_url, name, tokens))
-                for label, name in (("base", endpoint.base_name), ("lora", ADAPTER_NAME))}
+        ServerClient(server.url).load_adapter(ADAPTER_NAME, str(adapter))
+        return {label: asyncio.run(burst(server.url, name, tokens))
+                for label, name in (("base", server.server_id), ("lora", ADAPTER_NAME))}
     finally:
-        stack.stop()
+        stop_server_record(server.server_id)
 
 
 def bench_job(config: str, overrides: dict[str, Any]) -> JobConfig:
-    """The job as configured, serving on free ports under its own name, so that a served job of the same name on
-    this machine (ports, serving state under LORAFLOW_HOME) is left alone."""
+    """The job as configured, under its own name, so that a served job of the same name on this machine (its
+    serving state under LORAFLOW_HOME) is left alone; its vLLM runs on a free private port."""
     job = load_config(config)
-    return load_config(config, {"serving.port": free_port(), "serving.vllm_port": free_port(),
-                                "registry.model_name": f"{job.registry.model_name}-gpu-bench", **overrides})
+    return load_config(config, {"registry.model_name": f"{job.registry.model_name}-gpu-bench", **overrides})
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -36,7 +37,8 @@ from loraflow.config.lora import ALL_LINEAR  # noqa: E402
 from loraflow.config.model import ModelConfig  # noqa: E402
 from loraflow.config.serving import MergeConfig  # noqa: E402
 from loraflow.process import free_port  # noqa: E402
-from loraflow.serving.vllm_server import VllmLaunch, adapter_rank, vllm_lora_rank, vllm_process  # noqa: E402
+from loraflow.serving.server_spec import SLOT_STEP, Capacity, adapter_rank, server_spec, vllm_lora_rank  # noqa: E402
+from loraflow.serving.vllm_server import VllmLaunch, vllm_process  # noqa: E402
 from loraflow.templates import load_template  # noqa: E402
 from loraflow.tiny.adapters import make_adapter  # noqa: E402
 from loraflow.tiny.base import tiny_ko_dir  # noqa: E402
@@ -69,28 +71,20 @@ async def burst(url: str, model: str, tokens: int) -> float:
         return sum(counts) / (time.perf_counter() - start)
 
 
-def served_throughput(
-    model_dir: str, models: dict[str, str | None], tokens: int, state: Path, rank: int | None,
-    serving: dict[str, object] | None = None,
-) -> dict[str, float]:
+def served_throughput(model_dir: str, models: dict[str, str | None], tokens: int, state: Path, rank: int | None,
+                      max_loras: int = SLOT_STEP) -> dict[str, float]:
     """tokens/s per label; `models` maps label -> adapter dir (None = the base itself); `rank` None: no LoRA;
-    `serving`: overrides of the shipped serving section (the levers)."""
-    overrides = {"vllm_port": free_port(), "max_model_len": 512, **(serving or {})}
-    job = load_config(ROOT / "configs" / "tiny-ko.yaml", {f"serving.{k}": v for k, v in overrides.items()})
+    `max_loras`: the server's LoRA slots (a lever; a server starts with SLOT_STEP)."""
+    job = load_config(ROOT / "configs" / "tiny-ko.yaml", {"serving.max_model_len": 512})
     state.mkdir(parents=True, exist_ok=True)
     template = state / "chat_template.jinja"
     template.write_text(load_template("qwen2.5"))
-    launch = VllmLaunch(
-        base=model_dir,
-        revision=None,
-        served_base_name="bench-base",
-        chat_template=template,
-        dtype="float32",
-        max_lora_rank=rank or 0,
-        enable_lora=rank is not None,
-    )
-    server = vllm_process(job.serving, launch, state).start()
-    url = f"http://127.0.0.1:{job.serving.vllm_port}"
+    launch = VllmLaunch(spec=replace(server_spec(job, pin=False), dtype="float32"),
+                        capacity=Capacity(max_lora_rank=rank or 1, max_loras=max_loras), model_path=model_dir,
+                        served_name="bench-base", port=free_port(), chat_template=template,
+                        enable_lora=rank is not None)
+    server = vllm_process(launch, state, None).start()
+    url = launch.url
     try:
         server.wait_healthy(job.serving.startup_timeout_s)
         results = {}
@@ -128,9 +122,9 @@ def generate_throughput(model: torch.nn.Module, tokenizer, tokens: int) -> float
     return (out.shape[1] - batch["input_ids"].shape[1]) * len(PROMPTS) / elapsed
 
 
-# vLLM's LoRA levers, each measured against the shipped settings (configs/tiny-ko.yaml): the batch of LoRA slots
-# only as large as the aliases served at once (champion + challenger), and as small as one.
-LEVERS = {"max_loras=2": {"max_loras": 2}, "max_loras=1": {"max_loras": 1}}
+# vLLM's LoRA levers, each measured against a server as loraflow starts it (SLOT_STEP slots): the batch of LoRA
+# slots only as large as one job's aliases served at once (champion + challenger), and as small as one.
+LEVERS = {"max_loras=2": 2, "max_loras=1": 1}
 
 
 def main() -> int:
@@ -160,9 +154,9 @@ def main() -> int:
         served = served_throughput(str(base_dir), {"base": None}, args.tokens, work / "base", None)
         lora_server = served_throughput(str(base_dir), both, args.tokens, work / "lora", rank)
         served |= {"base on the LoRA server": lora_server["base"], "adapter": lora_server["adapter"]}
-        for lever, serving in LEVERS.items():
+        for lever, slots in LEVERS.items():
             served[f"adapter, {lever}"] = served_throughput(
-                str(base_dir), {"adapter": str(adapter)}, args.tokens, work / lever, rank, serving
+                str(base_dir), {"adapter": str(adapter)}, args.tokens, work / lever, rank, slots
             )["adapter"]
         served["merged"] = served_throughput(merged.merged_dir, {"merged": None}, args.tokens, work / "merged", None)[
             "merged"
@@ -192,7 +186,8 @@ def main() -> int:
     lines = [
         f"tiny-ko (fp32, {platform.machine()} CPU, {torch.get_num_threads()} torch threads), "
         f"{CONCURRENCY} concurrent chat requests x {args.tokens} output tokens, adapter r={r} "
-        f"(served with --max-lora-rank {rank}); shipped serving settings unless the row names a lever",
+        f"(served with --max-lora-rank {rank}); a server as loraflow starts it ({SLOT_STEP} LoRA slots) unless the "
+        "row names a lever",
         "",
         "| variant | vLLM tokens/s | vs base | transformers generate tokens/s | vLLM / generate |",
         "|---|---:|---:|---:|---:|",

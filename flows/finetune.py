@@ -41,7 +41,7 @@ def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | N
     version = register(job, config, dataset, chat, trained, evaluated)
     decision = promote(job, version, evaluated)
     merged = merge(job, trained, version, decision)  # only a version this decision made champion
-    served = deploy(job)
+    served = deploy(job, config, overrides)
     parity = served_parity(job, version)  # as it answers after deploy; not checked when nothing serves it
 
     return {

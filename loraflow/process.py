@@ -9,13 +9,14 @@ mistaken for ours and never signalled.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +258,16 @@ class ManagedProcess:
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> list[int]:
         return stop_process(self.process, grace_s)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes for the body (fcntl): released by the kernel when its holder dies, so a
+    killed pass never leaves it taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

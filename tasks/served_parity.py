@@ -31,13 +31,13 @@ CHAMPION_ROUTED = "loraflow.champion.routed"
 def served_parity(job: JobConfig, version: RegisteredVersion, as_champion: bool = False) -> ParityReport | None:
     """Only a version the job's servers serve now is checked; `as_champion`: only while the stable name answers
     with it (a champion that moved on meanwhile is not)."""
-    from loraflow.evaluation.served_parity import check_served_parity, parity_applies
+    from loraflow.evaluation.served_parity import check_served_parity
     from loraflow.serving.records import served_now
     from loraflow.serving.vllm_server import api_key
 
     logger = get_run_logger()
     name = versioned_name(version.model_name, version.version)
-    if not job.serving.enabled or not parity_applies(job):
+    if not job.checks_served_parity:
         logger.info("served parity: off for %s (serving or serving.parity off, or nothing to score)", name)
         return None
     key = api_key(job.serving)
@@ -50,7 +50,7 @@ def served_parity(job: JobConfig, version: RegisteredVersion, as_champion: bool 
             logger.info("served parity of %s: %s: not checked", name, why)
             return None
         try:
-            report = check_served_parity(job, version, now.router_url, key)
+            report = check_served_parity(job, version, now.endpoint_url, key)
         except Exception:
             # An alias move mid-check makes the reconciler unload it (lm-eval then gets 404s): not a failed check.
             # Servers down or restarting are a failure: nothing routes it anew to check it again.
@@ -96,10 +96,10 @@ def announce_champion(job: JobConfig, served: ReconcileReport | None) -> str | N
     """After a reconcile pass that pointed the stable name at a version with no parity verdict under this serving
     set-up, emit CHAMPION_ROUTED for it; returns that version. A pass that routed nothing new (every polling pass
     in between) emits nothing, so `parity/<job>` runs once per new champion."""
-    from loraflow.evaluation.served_parity import parity_applies, parity_verdict
+    from loraflow.evaluation.served_parity import parity_verdict
 
     model = job.registry.model_name
-    if served is None or not served.rerouted or model not in served.routes or not parity_applies(job):
+    if served is None or not served.rerouted or model not in served.routes or not job.checks_served_parity:
         return None
     version = version_of(model, served.routes[model])
     if version is None or parity_verdict(job, model, version) is not None:

@@ -62,7 +62,7 @@ def _refuse_server(server: object, *_: object, **__: object) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """In the fast tier every server start of loraflow (loraflow.process.ManagedProcess: the stack's services, vLLM,
-    the router, PostgreSQL) and Prefect's own temporary server (a flow run without a stack) fails instead."""
+    the endpoint, PostgreSQL) and Prefect's own temporary server (a flow run without a stack) fails instead."""
     if "not slow" not in (config.getoption("markexpr") or ""):
         return
     from prefect.server.api.server import SubprocessASGIServer

@@ -87,5 +87,9 @@ def test_errors_quote_the_meaning_of_the_field():
     # An unknown key and a section-wide rule have no field to describe.
     assert "  lora.rank: unknown key (got 8)" in lines
     with pytest.raises(ConfigError) as error:
-        load_config("configs/tiny-ko.yaml", {"serving.port": 8001})
-    assert str(error.value).splitlines()[-1] == "  serving: Value error, `port` (router) and `vllm_port` must differ"
+        load_config("configs/tiny-ko.yaml", {"serving.max_loras": 1})
+    assert str(error.value).splitlines()[-1] == ("  serving: Value error, `max_loras` (1) must hold the 2 aliased "
+                                                 "versions (champion, challenger)")
+    # The endpoint's fields of earlier versions are gone: a config naming one is told so.
+    with pytest.raises(ConfigError, match=r"serving\.vllm_port: unknown key"):
+        load_config("configs/tiny-ko.yaml", {"serving.vllm_port": 8001})

@@ -1,7 +1,7 @@
 """A champion promoted in the MLflow UI is parity-checked, not only the versions the finetune flow serves itself:
-MLflow REST alias move (what the UI calls) -> webhook -> `serve/tiny-ko` routes it -> event
-`loraflow.champion.routed` -> `parity/tiny-ko` scores it through the router -> `serving.parity` on the version and
-`served/...` on its run, equal to the registered `tuned/...` within tolerance. Real local stack and real vLLM.
+MLflow REST alias move (what the UI calls) -> webhook -> the stack's reconciler routes it -> event
+`loraflow.champion.routed` -> `parity/tiny-ko` scores it through the endpoint -> `serving.parity` on the version
+and `served/...` on its run, equal to the registered `tuned/...` within tolerance. Real local stack and real vLLM.
 """
 
 from __future__ import annotations
@@ -56,17 +56,17 @@ def events_since(stack: RunningStack, name: str, since: datetime) -> list[dict]:
 
 
 def test_a_champion_promoted_through_mlflow_rest_is_parity_checked(local_stack: RunningStack, judged_version: str,
-                                                                   stack_router: str) -> None:
+                                                                   stack_endpoint: str) -> None:
     since, started = datetime.now(UTC), time.monotonic()
     set_alias_like_the_ui(local_stack, judged_version)
-    # Liveness only: the triggered serve run loads the version and runs its canary, then the parity run scores
-    # three 60-item tasks through the router on 2 busy cores.
+    # Liveness only: the reconciler's pass loads the version and runs its canary, then the parity run scores
+    # three 60-item tasks through the endpoint on 2 busy cores.
     wait_for(lambda: finished_parity_run(local_stack, judged_version) is not None, 1200)
     print(f"[timing] alias set -> parity/{TINY_KO} run finished: {time.monotonic() - started:.1f} s")
     run = finished_parity_run(local_stack, judged_version)
     assert run is not None and run.state is not None and run.state.type == StateType.COMPLETED, run and run.state
 
-    assert stable_root(stack_router) == versioned_name(TINY_KO, judged_version)
+    assert stable_root(stack_endpoint) == versioned_name(TINY_KO, judged_version)
     client = client_at(local_stack.stack.mlflow_url)
     version = client.get_model_version(TINY_KO, judged_version)
     assert version.tags.get(PARITY_TAG) == "passed", version.tags.get(DETAIL_TAG)
@@ -76,7 +76,7 @@ def test_a_champion_promoted_through_mlflow_rest_is_parity_checked(local_stack: 
         # Served (vLLM, fp32 base + adapter) and registered (fp32 in-process) agree to within an item or two.
         served, registered = metrics[f"served/{task}/acc"], metrics[f"tuned/{task}/acc"]
         assert abs(served - registered) <= 2 / 60 + 1e-9, (task, served, registered)
-    # One announcement for the one new champion: the polling passes in between routed nothing new and emitted
+    # One announcement for the one new champion: the drift checks in between routed nothing new and emitted
     # nothing. No automation action failed (a bad parameter template of the trigger fails there).
     announced = [e for e in events_since(local_stack, CHAMPION_ROUTED, since)
                  if e["resource"]["prefect.resource.id"] == f"loraflow.served-model.{TINY_KO}"]

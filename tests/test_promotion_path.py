@@ -1,116 +1,202 @@
-"""A person's promotion reaches vLLM with nobody running a command: MLflow REST alias move (what the UI calls) ->
-MLflow webhook -> loraflow's receiver -> Prefect event -> `serve/tiny-ko` trigger -> reconcile -> the router's
-stable name. Then the fallback with the receiver down, and a vLLM killed with SIGKILL. Real local stack (Prefect
-server, worker, MLflow server, receiver) and real vLLM; the tests run in file order on one serving pair.
+"""A person's promotion reaches serving with nobody running a command: MLflow REST alias move (what the UI calls) ->
+MLflow webhook -> loraflow's receiver -> Prefect event -> the stack's reconciler -> a `serve` pass (a flow run the
+Prefect UI lists) -> the job's stable name on the endpoint. Two moves 3 s apart end on the last; two jobs moved at
+once both get there; the drift check gets there with the receiver down; a job file named by path is deployed,
+served and retired; a SIGKILLed vLLM comes back; a reconciler and a worker killed mid-pass leave nothing waiting
+once `loraflow up` has run. Real local stack and real vLLM; the tests run in file order on one endpoint.
 """
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from prefect.client.schemas.filters import FlowRunFilter
+import yaml
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
 
 from loraflow.localstack.lifecycle import recorded_process
-from loraflow.localstack.running import set_alias_like_the_ui, stable_root, stack_record
+from loraflow.localstack.prefect_api import RECONCILER_TAG
+from loraflow.localstack.running import set_alias_like_the_ui, stable_root
 from loraflow.process import stop_process, wait_for
 from loraflow.registry.client import client_at
 from loraflow.serving.names import versioned_name
+from loraflow.serving.records import job_records, read_job, read_server
 from tests.fixtures import ALL_LINEAR, RegistryFixture, RunningStack, make_adapter
 
 pytestmark = pytest.mark.slow
 
-MODEL = "tiny-ko"  # the model of configs/tiny-ko.yaml, whose serve deployment carries the trigger
+MODEL, INTENT = "tiny-ko", "tiny-intent"  # the models of configs/tiny-ko.yaml and configs/tiny-intent.yaml
+
+
+def register(stack: RunningStack, model: str, adapters: list[Path]) -> list[str]:
+    """Adapter versions of `model` registered through the stack's MLflow server, as runs would."""
+    client = client_at(stack.stack.mlflow_url)
+    experiment = client.get_experiment_by_name("promotion-path") or client.create_experiment("promotion-path")
+    registry = RegistryFixture(stack.stack.mlflow_url, model, getattr(experiment, "experiment_id", experiment))
+    return [registry.register(adapter) for adapter in adapters]
 
 
 @pytest.fixture(scope="module")
-def versions(local_stack: RunningStack, tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Two adapter versions of `tiny-ko` registered through the stack's MLflow server, as runs would."""
+def adapters(tiny_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("promotion-adapters")
-    experiment = client_at(local_stack.stack.mlflow_url).create_experiment("promotion-path")
-    registry = RegistryFixture(local_stack.stack.mlflow_url, MODEL, experiment)
-    return [registry.register(make_adapter(tiny_base_dir, root / f"v{seed}", r=8, targets=ALL_LINEAR, seed=seed))
-            for seed in (21, 22)]
+    return [make_adapter(tiny_base_dir, root / f"v{seed}", r=8, targets=ALL_LINEAR, seed=seed) for seed in (21, 22)]
 
 
-def alias_events(stack: RunningStack, since: datetime) -> list[dict]:
+@pytest.fixture(scope="module")
+def versions(local_stack: RunningStack, adapters: list[Path]) -> list[str]:
+    return register(local_stack, MODEL, adapters)
+
+
+def alias_events(stack: RunningStack, model: str, since: datetime) -> list[dict]:
     """The receiver's Prefect events for this model's alias moves since `since`, oldest first."""
     with stack.client() as client:
         events = client.request("POST", "/events/filter", json={"filter": {
             "event": {"name": ["mlflow.model_version_alias.created"]},
-            "resource": {"id": [f"mlflow.registered-model.{MODEL}"]},
+            "resource": {"id": [f"mlflow.registered-model.{model}"]},
             "occurred": {"since": since.isoformat()}}, "limit": 50}).json()["events"]
     return sorted(events, key=lambda event: event["occurred"])
 
 
+def reconciler_runs(stack: RunningStack, since: datetime) -> dict[str, str]:
+    """The reconciler's `serve` passes since `since`: flow run name -> state."""
+    with stack.client() as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags={"all_": [RECONCILER_TAG]},
+                                                                   start_time={"after_": since}))
+    return {run.name: run.state.name if run.state else "?" for run in runs}
+
+
+def answers(url: str, model: str) -> str | None:
+    try:
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+            "model": model, "messages": [{"role": "user", "content": "국회는?"}], "max_tokens": 4})
+    except httpx.HTTPError:
+        return None
+    return reply.json()["model"] if reply.status_code == 200 else None
+
+
 def test_alias_moves_through_mlflow_rest_reach_the_stable_name(local_stack: RunningStack, versions: list[str],
-                                                                stack_router: str) -> None:
-    with local_stack.client() as client:
-        assert [s.active for s in client.read_deployment_by_name(f"serve/{MODEL}").schedules] == [True]
+                                                                stack_endpoint: str) -> None:
     since, seconds = datetime.now(UTC) - timedelta(seconds=5), []
-    for version in (versions[0], versions[1]):
+    for version in versions:
         set_alias_like_the_ui(local_stack, version)
-        seconds.append(wait_for(lambda v=version: stable_root(stack_router) == versioned_name(MODEL, v), 180))
+        seconds.append(wait_for(lambda v=version: stable_root(stack_endpoint) == versioned_name(MODEL, v), 180))
     print(f"[timing] alias set -> stable name serving it: {seconds}")
-    # Each move went through the event path: the receiver emitted one event per move, and the trigger started a
-    # `serve` run carrying that move's time that completed, whether or not the 60 s poll reconciled it first (under
-    # load the poll can; the stable name alone cannot tell the two paths apart, and a triggered run still busy
-    # after routing is not a missed move). No automation action failed (a bad parameter template fails there).
-    events = alias_events(local_stack, since)
-    assert [event["resource"]["mlflow.version"] for event in events] == [versions[0], versions[1]], events
-    moved_at = {datetime.fromisoformat(event["payload"]["timestamp"]) for event in events}
-    with local_stack.client() as client:
-        deployment_id = client.read_deployment_by_name(f"serve/{MODEL}").id
-
-    def triggered_runs_completed() -> bool:
-        with local_stack.client() as client:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [deployment_id]}))
-        done = {datetime.fromisoformat(str(r.parameters["promoted_at"])) for r in runs
-                if r.parameters.get("promoted_at") and r.state and r.state.type == StateType.COMPLETED}
-        print("[serve runs]", [(r.parameters.get("promoted_at"), r.state and r.state.name) for r in runs])
-        return moved_at <= done
-
-    wait_for(triggered_runs_completed, 300)
+    # Each move went through the event path: one event per move, and a recorded `serve` pass named after it that
+    # completed (the Prefect UI lists it); no automation action failed.
+    assert [e["resource"]["mlflow.version"] for e in alias_events(local_stack, MODEL, since)] == versions
+    runs = reconciler_runs(local_stack, since)
+    print("[serve passes]", runs)
+    for version in versions:
+        assert runs.get(f"{MODEL}: champion -> v{version}") == "Completed", runs
     with local_stack.client() as client:
         failed = client.request("POST", "/events/filter", json={
             "filter": {"event": {"name": ["prefect.automation.action.failed"]}}, "limit": 10}).json()["events"]
     assert not failed, failed
-    reply = httpx.post(f"{stack_router}/v1/chat/completions", timeout=60, json={
-        "model": MODEL, "messages": [{"role": "user", "content": "헌법 제1조는?"}], "max_tokens": 8})
-    assert reply.status_code == 200 and reply.json()["model"] == versioned_name(MODEL, versions[1])
+    assert answers(stack_endpoint, MODEL) == versioned_name(MODEL, versions[1])
 
 
-def test_with_the_receiver_down_the_polling_fallback_gets_there(local_stack: RunningStack, versions: list[str],
-                                                                 stack_router: str) -> None:
-    stop_process(recorded_process(local_stack.stack, "webhook"))
+def test_moves_3_s_apart_end_on_the_last_and_two_jobs_moved_at_once_both_get_there(
+        local_stack: RunningStack, versions: list[str], adapters: list[Path], stack_endpoint: str) -> None:
     set_alias_like_the_ui(local_stack, versions[0])
-    seconds = wait_for(lambda: stable_root(stack_router) == versioned_name(MODEL, versions[0]), 60 + 120)
-    print(f"[timing] alias set -> stable name serving it (polling fallback, receiver down): {seconds:.1f} s")
+    time.sleep(3)
+    set_alias_like_the_ui(local_stack, versions[1])
+    wait_for(lambda: stable_root(stack_endpoint) == versioned_name(MODEL, versions[1]), 180)
+    time.sleep(5)  # a pass still running for the first move must not route it after the second
+    assert stable_root(stack_endpoint) == versioned_name(MODEL, versions[1])
+
+    # tiny-intent is a served job of configs/: its first promotion puts it on the running endpoint, beside tiny-ko
+    # on the same vLLM (same base and server settings); tiny-ko moves at the same moment.
+    [intent] = register(local_stack, INTENT, adapters[:1])
+    set_alias_like_the_ui(local_stack, intent, model=INTENT)
+    set_alias_like_the_ui(local_stack, versions[0])
+    wait_for(lambda: (stable_root(stack_endpoint), stable_root(stack_endpoint, INTENT)) == (
+        versioned_name(MODEL, versions[0]), versioned_name(INTENT, intent)), 300)
+    ko, served_intent = read_job(MODEL, local_stack.home), read_job(INTENT, local_stack.home)
+    assert ko is not None and served_intent is not None and ko.server == served_intent.server
+    status = local_stack.cli("loraflow", "status").stdout
+    assert f"base server    {ko.server}" in status and f"{INTENT}, {MODEL}" in status, status
+
+
+def test_with_the_receiver_down_the_drift_check_gets_there(local_stack: RunningStack, versions: list[str],
+                                                           stack_endpoint: str) -> None:
+    stop_process(recorded_process(local_stack.stack, "webhook"))
+    set_alias_like_the_ui(local_stack, versions[1])
+    seconds = wait_for(lambda: stable_root(stack_endpoint) == versioned_name(MODEL, versions[1]), 120)
+    print(f"[timing] alias set -> stable name serving it (drift check, receiver down): {seconds:.1f} s")
     local_stack.up()  # the receiver comes back; `up` starts only what is not running
 
 
+def test_a_job_file_named_by_path_is_deployed_served_and_retired(local_stack: RunningStack, adapters: list[Path],
+                                                                 stack_endpoint: str, tmp_path: Path) -> None:
+    job_file = tmp_path / "extra-job.yaml"
+    config = yaml.safe_load(Path("configs/tiny-ko.yaml").read_text())
+    config["name"], config["registry"] = "extra-job", {"model_name": "extra-job", "experiment": "extra-job"}
+    job_file.write_text(yaml.safe_dump(config, allow_unicode=True))
+    print(local_stack.cli("loraflow", "deploy", str(job_file)).stdout)
+    with local_stack.client() as client:
+        finetune = client.read_deployment_by_name("finetune/extra-job")
+        client.read_deployment_by_name("parity/extra-job")
+    assert finetune.parameters == {"config": str(job_file)}
+
+    [version] = register(local_stack, "extra-job", adapters[1:])
+    set_alias_like_the_ui(local_stack, version, model="extra-job")
+    wait_for(lambda: stable_root(stack_endpoint, "extra-job") == versioned_name("extra-job", version), 180)
+
+    local_stack.cli("loraflow", "serve", str(job_file), "--stop")
+    assert answers(stack_endpoint, "extra-job") is None and answers(stack_endpoint, MODEL) is not None
+    job_file.unlink()
+    assert "retired finetune/extra-job" in local_stack.cli("loraflow", "deploy").stdout
+    with local_stack.client() as client:
+        names = {d.name for d in client.read_deployments()}
+    assert "extra-job" not in names
+
+
 def test_a_killed_vllm_is_restarted_and_the_stable_name_answers_again(local_stack: RunningStack,
-                                                                      versions: list[str], stack_router: str) -> None:
-    processes = stack_record(local_stack)["processes"]
-    vllm = psutil.Process(processes["vllm"]["pid"])
-    vllm.kill()  # SIGKILL, the leader alone, as the OOM killer would
+                                                                      versions: list[str], stack_endpoint: str) -> None:
+    server_id = {r.model: r.server for r in job_records(local_stack.home)}[MODEL]
+    before = read_server(server_id, local_stack.home)
+    assert before is not None
+    psutil.Process(before.process["pid"]).kill()  # SIGKILL, the leader alone, as the OOM killer would
+    # The endpoint's supervisor restarts vLLM at once and reloads every job's adapters; the bound is liveness, not
+    # speed (tests/test_serving_recovery.py prints the figures under concurrent requests).
+    seconds = wait_for(lambda: answers(stack_endpoint, MODEL) == versioned_name(MODEL, versions[1])
+                       and answers(stack_endpoint, INTENT) is not None, 480)
+    print(f"[timing] vLLM SIGKILL -> both jobs answer again: {seconds:.1f} s")
+    after = read_server(server_id, local_stack.home)
+    assert after is not None and after.process["pid"] != before.process["pid"] and after.port == before.port
 
-    def answers() -> bool:
-        try:
-            reply = httpx.post(f"{stack_router}/v1/chat/completions", timeout=30, json={
-                "model": MODEL, "messages": [{"role": "user", "content": "국회는?"}], "max_tokens": 4})
-        except httpx.HTTPError:
-            return False
-        return reply.status_code == 200 and reply.json()["model"] == versioned_name(MODEL, versions[0])
 
-    # The router's supervisor restarts vLLM at once and reloads its adapters (about 30 s here); the bound is
-    # liveness, not speed (tests/test_serving_recovery.py prints the figures under concurrent requests).
-    seconds = wait_for(answers, 480)
-    print(f"[timing] vLLM SIGKILL -> stable name answers again: {seconds:.1f} s")
-    after = stack_record(local_stack)["processes"]
-    assert after["router"]["pid"] == processes["router"]["pid"] and after["vllm"]["pid"] != vllm.pid
-    assert stack_record(local_stack)["endpoint"]["router_url"] == stack_router  # back on the same port
+def test_a_reconciler_and_a_worker_killed_mid_pass_leave_nothing_waiting(local_stack: RunningStack,
+                                                                         versions: list[str],
+                                                                         stack_endpoint: str) -> None:
+    """What `make down` mid-pass or a crash leaves: runs that claim to run with no process behind them. `loraflow up`
+    marks them Crashed, so nothing waits on them, and the next promotion and the next run go through."""
+    since = datetime.now(UTC)
+    held = local_stack.cli("prefect", "deployment", "run", "stack-probe/hold", "--param", "seconds=600").stdout
+    wait_for(lambda: running(local_stack, since) >= 1, 120)  # the worker's run holds the accelerator
+    set_alias_like_the_ui(local_stack, versions[0])
+    wait_for(lambda: any(n.startswith(f"{MODEL}: champion") for n in reconciler_runs(local_stack, since)), 60)
+    for name in ("reconciler", "worker"):  # SIGKILL, the whole family: nothing of them gets to clean up
+        leader = recorded_process(local_stack.stack, name)
+        assert leader is not None
+        for process in [*leader.children(recursive=True), leader]:
+            process.kill()
+    local_stack.up()
+    assert running(local_stack, since) == 0, "runs of dead processes must not claim to run"
+    wait_for(lambda: stable_root(stack_endpoint) == versioned_name(MODEL, versions[0]), 120)
+    set_alias_like_the_ui(local_stack, versions[1])
+    seconds = wait_for(lambda: stable_root(stack_endpoint) == versioned_name(MODEL, versions[1]), 120)
+    print(f"[timing] after the kill and `loraflow up`: alias set -> served in {seconds:.1f} s; {held.strip()}")
+    local_stack.run_deployment("stack-probe/hold", "--param", "seconds=0", timeout=300)  # the accelerator is free
+
+
+def running(stack: RunningStack, since: datetime) -> int:
+    with stack.client() as client:
+        return len(client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            start_time={"after_": since - timedelta(seconds=5)},
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])))))

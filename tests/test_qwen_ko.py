@@ -5,6 +5,7 @@ to answer it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,8 @@ from trl import SFTConfig
 from loraflow.config import ConfigError, JobConfig, load_config
 from loraflow.evaluation.served_parity import served_model_args
 from loraflow.registry.promote import judge
-from loraflow.serving.names import base_name
-from loraflow.serving.servers import max_lora_rank, served_dtype
-from loraflow.serving.urls import router_url
+from loraflow.serving.server_spec import combined, job_demand, served_dtype, server_spec
+from loraflow.serving.urls import served_url
 from loraflow.serving.vllm_server import VllmLaunch, vllm_command
 from loraflow.training.models import (
     attn_implementation_for,
@@ -120,19 +120,25 @@ def test_lora_on_the_seven_projections(qwen: JobConfig) -> None:
 
 
 def test_vllm_command_line(qwen: JobConfig, bf16_gpu: None, tmp_path: Path) -> None:
-    launch = VllmLaunch(base=qwen.model.base, revision=SHA, served_base_name=base_name("qwen-ko"),
-                        chat_template=tmp_path / "t.jinja", dtype=served_dtype(qwen),
-                        max_lora_rank=max_lora_rank(qwen, []))
-    command = vllm_command(qwen.serving, launch)
+    # What serving/servers.py starts for qwen-ko on a bf16 GPU, its base pinned to a commit.
+    spec = replace(server_spec(qwen, pin=False), revision=SHA, device="cuda", dtype=served_dtype(qwen))
+    capacity = combined([job_demand(qwen, [])])
+    launch = VllmLaunch(spec=spec, capacity=capacity, model_path=qwen.model.base, served_name=spec.server_id,
+                        port=41001, chat_template=tmp_path / "t.jinja")
+    command = vllm_command(launch)
 
     def value(flag: str) -> str:
         return command[command.index(flag) + 1]
 
     assert value("--model") == "Qwen/Qwen2.5-7B-Instruct" and value("--revision") == SHA
+    assert value("--served-model-name") == spec.server_id and spec.server_id.startswith("base-qwen2.5-7b-instruct-")
     assert (value("--dtype"), value("--max-lora-rank"), value("--gpu-memory-utilization")) == ("bfloat16", "16", "0.45")
-    assert (value("--port"), value("--host"), value("--max-model-len")) == ("8101", "127.0.0.1", "4096")
+    # Slots for its champion, challenger and one draining, in a server's step of 8: more jobs rarely restart it.
+    assert (value("--max-loras"), value("--max-cpu-loras")) == ("8", "8")
+    assert (value("--port"), value("--host"), value("--max-model-len")) == ("41001", "127.0.0.1", "4096")
     assert "--enable-lora" in command and "--tensor-parallel-size" not in command
-    assert (qwen.serving.port, qwen.serving.host) == (8100, "127.0.0.1")
+    # The public side is the stack's endpoint, shared with every served job: qwen-ko names no port of its own.
+    assert (qwen.serving.port, qwen.serving.host) == (None, None)
 
 
 def test_merge_runs_in_fp32_on_the_cpu_and_saves_bf16(qwen: JobConfig, bf16_gpu: None) -> None:
@@ -157,11 +163,11 @@ def test_gate_allows_one_standard_error_against_the_champion(qwen: JobConfig) ->
     assert not passed and any(r.startswith("fail: kobest_copa/acc") and "1 s.e." in r for r in reasons)
 
 
-def test_served_parity_scores_the_pinned_base_tokens_through_the_router(qwen: JobConfig) -> None:
+def test_served_parity_scores_the_pinned_base_tokens_through_the_endpoint(qwen: JobConfig) -> None:
     pinned = qwen.model_copy(update={"model": qwen.model.model_copy(update={"revision": SHA})})
-    args = served_model_args(pinned, "qwen-ko-v3", router_url(pinned.serving), "k")
+    args = served_model_args(pinned, "qwen-ko-v3", served_url(pinned.serving), "k")
     assert args["model"] == "qwen-ko-v3"
-    assert args["base_url"] == "http://127.0.0.1:8100/v1/completions"
+    assert args["base_url"] == "http://127.0.0.1:8000/v1/completions"
     assert (args["tokenizer"], args["revision"]) == ("Qwen/Qwen2.5-7B-Instruct", SHA)
     assert args["tokenized_requests"] is True and args["tokenizer_backend"] == "huggingface"
     assert args["max_length"] == 4096 and args["header"] == {"Authorization": "Bearer k"}

@@ -1,5 +1,5 @@
 """What answers is what was judged: the finetune flow with serving on ends by scoring the served version through
-the router (lm-eval `local-completions`) and comparing it with the registered `tuned/...` metrics; a served model
+the endpoint (lm-eval `local-completions`) and comparing it with the registered `tuned/...` metrics; a served model
 that is not the judged one is flagged `serving.parity=failed` on the version, where the MLflow UI shows it."""
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from loraflow.config import load_config
 from loraflow.evaluation.served_parity import DETAIL_TAG, PARITY_TAG, check_served_parity, compare
 from loraflow.registry.client import client_at
 from loraflow.results import RegisteredVersion
+from loraflow.serving.client import ServerClient
+from loraflow.serving.deploy import stop_job
 from loraflow.serving.names import versioned_name
-from loraflow.serving.records import running_endpoint, stop_job_servers
+from loraflow.serving.records import read_job, read_server, running_endpoint
 from tests.fixtures import ALL_LINEAR, TINY_CONFIG, TINY_OVERRIDES, free_port, make_adapter
 
 pytestmark = pytest.mark.slow
@@ -28,7 +30,7 @@ TASKS = ("tiny_kobest_boolq", "tiny_kobest_copa", "tiny_kobest_hellaswag")
 @pytest.fixture(scope="module")
 def overrides() -> dict[str, object]:
     return {**TINY_OVERRIDES, "registry.model_name": MODEL, "serving.enabled": True,
-            "serving.port": free_port(), "serving.vllm_port": free_port(), "serving.max_model_len": 512}
+            "serving.port": free_port(), "serving.max_model_len": 512}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def served_run(finetune_run: dict, overrides: dict[str, object]) -> Iterator[dic
     try:
         yield finetune(config=TINY_CONFIG, overrides=overrides)
     finally:
-        stop_job_servers(MODEL)
+        stop_job(load_config(TINY_CONFIG, overrides))
 
 
 def _client(run: dict) -> MlflowClient:
@@ -68,19 +70,21 @@ def test_a_different_adapter_under_the_versions_name_is_flagged(served_run: dict
                                                                  tiny_base_dir: Path, tmp_path: Path) -> None:
     job = load_config(TINY_CONFIG, overrides)
     name = versioned_name(MODEL, served_run["version"])
-    endpoint = running_endpoint(MODEL)
-    assert endpoint is not None
+    endpoint, job_record = running_endpoint(), read_job(MODEL)
+    assert endpoint is not None and job_record is not None
+    server = read_server(job_record.server)
+    assert server is not None
     # Not the judged adapter: random weights loaded under the version's name, as a stale or foreign copy would be.
     other = make_adapter(tiny_base_dir, tmp_path / "other", r=16, targets=list(ALL_LINEAR), seed=11)
-    serving = endpoint.client(None)
+    serving = ServerClient(server.url)
     serving.unload_adapter(name)
     serving.load_adapter(name, str(other))
     version = RegisteredVersion(model_name=MODEL, version=served_run["version"], run_id=served_run["run_id"],
                                 experiment_id="", source="", tracking_uri=served_run["tracking_uri"], created=False)
 
-    report = check_served_parity(job, version, endpoint.router_url, None)
+    report = check_served_parity(job, version, endpoint.url, None)
     assert report is None, "an unchanged serving set-up is checked once per version"
-    report = check_served_parity(job, version, endpoint.router_url, None, force=True)
+    report = check_served_parity(job, version, endpoint.url, None, force=True)
 
     assert report is not None and not report.passed
     out = [m for m in report.metrics if not m.within]

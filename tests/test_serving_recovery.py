@@ -1,6 +1,7 @@
-"""vLLM killed under concurrent load, real processes (vLLM, router with its supervisor, MLflow registry): the stable
-port never refuses a connection, answers 503 + Retry-After while vLLM restarts, and the stable name answers again
-with the champion without anyone running a command; a reconcile during the restart waits for it instead of racing.
+"""The shared vLLM killed under concurrent load on two jobs, real processes (vLLM, the endpoint with its supervisor,
+MLflow registries): the public port never refuses a connection, answers 503 + Retry-After while vLLM restarts, and
+every job's stable name answers again with its own champion without anyone running a command; a reconcile during
+the restart waits for it instead of racing.
 """
 
 from __future__ import annotations
@@ -16,25 +17,23 @@ import httpx
 import psutil
 import pytest
 
-from loraflow.config import load_config
-from loraflow.process import alive, read_record
-from loraflow.serving.deploy import deploy_aliases
+from loraflow.process import alive
 from loraflow.serving.names import versioned_name
-from loraflow.serving.records import STACK_FILE, state_dir, stop_job_servers
-from tests.fixtures import ATTENTION, free_port, make_adapter, make_registry
+from loraflow.serving.records import read_endpoint, read_server
+from tests.fixtures import ATTENTION, make_adapter, make_registry
+from tests.fixtures.serving import ServedJobs
 
 pytestmark = pytest.mark.slow
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-ko.yaml"
-MODEL = "tiny-ko-recovery"
+MODELS = ("recovery-ko", "recovery-intent")
 KEY_ENV, KEY = "LORAFLOW_TEST_RECOVERY_KEY", "recovery-key-not-a-secret"
 CLIENTS = 12
 
 
-def outcome(client: httpx.Client, url: str, stream: bool) -> tuple[str, str | None]:
+def outcome(client: httpx.Client, url: str, model: str, stream: bool) -> tuple[str, str | None]:
     """What one request got: `200 <model>`, `503` (with Retry-After and an OpenAI error body), another status,
     `refused`, or `cut` (the connection dropped mid-response: vLLM died under a request already answering)."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "헌법 제1조는?"}], "max_tokens": 8,
+    body = {"model": model, "messages": [{"role": "user", "content": "헌법 제1조는?"}], "max_tokens": 8,
             "stream": stream}
     try:
         with client.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
@@ -51,74 +50,78 @@ def outcome(client: httpx.Client, url: str, stream: bool) -> tuple[str, str | No
     return str(reply.status_code), text
 
 
-def test_a_killed_vllm_restarts_behind_a_router_that_stays_up(tiny_base_dir: Path,
-                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
-    reg = make_registry(tmp_path_factory.mktemp("recovery-mlflow"), MODEL)
-    version = reg.register(make_adapter(tiny_base_dir, tmp_path_factory.mktemp("recovery") / "a", r=8,
-                                        targets=ATTENTION, seed=7))
-    reg.set_alias("champion", version)
-    job = load_config(CONFIG, {"registry.model_name": MODEL, "registry.tracking_uri": reg.tracking_uri,
-                               "serving.enabled": True, "serving.port": free_port(), "serving.vllm_port": free_port(),
-                               "serving.api_key_env": KEY_ENV, "serving.max_model_len": 512})
+def test_a_killed_vllm_restarts_behind_an_endpoint_that_stays_up(tiny_base_dir: Path,
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = tmp_path_factory.mktemp("recovery")
+    registries = [make_registry(root / model, model) for model in MODELS]
+    for seed, registry in enumerate(registries, start=7):
+        registry.set_alias("champion", registry.register(make_adapter(tiny_base_dir, root / f"a{seed}", r=8,
+                                                                      targets=ATTENTION, seed=seed)))
+    served = ServedJobs(KEY_ENV, KEY)
     os.environ[KEY_ENV] = KEY
-    stack_file = state_dir(MODEL) / STACK_FILE
     try:
-        started = deploy_aliases(job)
-        assert started is not None
-        url, served = started[0].router_url, versioned_name(MODEL, version)
-        before = read_record(stack_file)["processes"]
+        reports = [served.deploy(registry) for registry in registries]
+        assert len({report.server for report in reports}) == 1, "both jobs on one vLLM"
+        server_id, url = reports[0].server, served.url
+        before, endpoint_pid = read_server(server_id).process, read_endpoint().process["pid"]
+        champions = {model: versioned_name(model, 1) for model in MODELS}
         stop = threading.Event()
-        results: list[tuple[float, float, str]] = []  # (sent, answered, outcome), monotonic seconds
+        results: list[tuple[float, float, str, str]] = []  # (sent, answered, model, outcome), monotonic seconds
 
         def load(index: int) -> None:
-            with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
+            model = MODELS[index % 2]
+            with httpx.Client(headers=served.headers(), timeout=120) as client:
                 while not stop.is_set():
                     sent = time.monotonic()
-                    got, text = outcome(client, url, stream=index % 2 == 1)
-                    if got == "200" and served not in (text or ""):
+                    got, text = outcome(client, url, model, stream=index % 4 >= 2)
+                    if got == "200" and champions[model] not in (text or ""):
                         got = "200 from another model"
-                    results.append((sent, time.monotonic(), got))
+                    results.append((sent, time.monotonic(), model, got))
                     if got != "200":
                         time.sleep(0.5)  # as a client honouring Retry-After would, only faster
+
+        def answered_again(model: str) -> bool:
+            return any(s > kill_at and m == model and got == "200" for s, _, m, got in results)
 
         with ThreadPoolExecutor(CLIENTS + 1) as pool:
             workers = [pool.submit(load, i) for i in range(CLIENTS)]
             time.sleep(3)  # requests in flight when vLLM dies
             kill_at = time.monotonic()
-            psutil.Process(before["vllm"]["pid"]).kill()  # SIGKILL, the leader alone, as the OOM killer would
-            # A reconcile pass meanwhile (the 60 s poll, an alias event) waits for the supervisor, never races it.
-            reconciled = pool.submit(deploy_aliases, job, False)
+            psutil.Process(before["pid"]).kill()  # SIGKILL, the leader alone, as the OOM killer would
+            # A reconcile pass meanwhile (the reconciler's drift check, an alias event) waits for the supervisor.
+            reconciled = pool.submit(served.deploy, registries[0])
             deadline = time.monotonic() + 480  # liveness: vLLM's start on 2 busy cores, not a speed bound
-            while not any(s > kill_at and got == "200" for s, _, got in results) and time.monotonic() < deadline:
+            while not all(answered_again(m) for m in MODELS) and time.monotonic() < deadline:
                 time.sleep(0.2)
             time.sleep(5)  # the load keeps running on the restarted vLLM
             stop.set()
             for worker in workers:
                 worker.result()
-            endpoint, report = reconciled.result(timeout=600)
+            report = reconciled.result(timeout=600)
 
-        counts = Counter(got for _, _, got in results)
-        after_kill = [(s, a, got) for s, a, got in results if a > kill_at]
-        first_503 = min((a - kill_at for _, a, got in after_kill if got == "503"), default=None)
-        first_200 = min((a - kill_at for s, a, got in after_kill if got == "200" and s > kill_at), default=None)
-        print(f"[timing] vLLM SIGKILL -> first 503 after {first_503} s, first 200 through the stable name after "
-              f"{first_200} s; {CLIENTS} clients got {dict(counts)}")
-        assert first_200 is not None, f"the stable name never answered again: {dict(counts)}"
+        counts = Counter(got for _, _, _, got in results)
+        after_kill = [(s, a, m, got) for s, a, m, got in results if a > kill_at]
+        first_503 = min((a - kill_at for _, a, _, got in after_kill if got == "503"), default=None)
+        back = {m: min((a - kill_at for s, a, mm, got in after_kill if mm == m and got == "200" and s > kill_at),
+                       default=None) for m in MODELS}
+        print(f"[timing] vLLM SIGKILL -> first 503 after {first_503} s, each job's first 200 through its stable "
+              f"name after {back} s; {CLIENTS} clients got {dict(counts)}")
+        assert all(seconds is not None for seconds in back.values()), f"a job never answered again: {back}"
         assert counts["refused"] == 0 and set(counts) <= {"200", "503", "cut"}, dict(counts)
         assert counts["503"] > 0, "the restart window was never seen"
         # Only a response already streaming when vLLM died can be cut; one sent later got a 503 or a 200.
-        assert all(s < kill_at for s, _, got in results if got == "cut"), dict(counts)
+        assert all(s < kill_at for s, _, _, got in results if got == "cut"), dict(counts)
 
-        after = read_record(stack_file)["processes"]
-        assert after["router"]["pid"] == before["router"]["pid"], "the router must not go down with vLLM"
-        assert after["vllm"]["pid"] != before["vllm"]["pid"] and alive(psutil.Process(after["vllm"]["pid"]))
-        # The supervisor reloaded the champion from the registry's files: the pass had nothing to load or check.
-        assert endpoint.router_url == url and report.routes == {MODEL: served}, report
-        assert report.canaries == [] and served in report.loaded, report
+        after = read_server(server_id).process
+        assert read_endpoint().process["pid"] == endpoint_pid, "the endpoint must not go down with vLLM"
+        assert after["pid"] != before["pid"] and alive(psutil.Process(after["pid"]))
+        # The supervisor reloaded both champions from the registry's files: the pass had nothing to load or check.
+        assert report.routes == {MODELS[0]: champions[MODELS[0]]} and report.canaries == [], report
+        assert [served.chat(m).json()["model"] for m in MODELS] == [champions[m] for m in MODELS]
     finally:
-        stopped = stop_job_servers(MODEL)
+        stopped = served.stop()
         os.environ.pop(KEY_ENV, None)
-    assert {after["vllm"]["pid"], after["router"]["pid"]} <= set(stopped)
+    assert {after["pid"], endpoint_pid} <= set(stopped)
     assert all(gone(pid) for pid in stopped), stopped
 
 

@@ -53,22 +53,26 @@ def log_timing(stack: RunningStack, name: str, seconds: float) -> None:
 def test_servers_started_healthy(local_stack: RunningStack) -> None:
     for name in ("prefect-server", "mlflow-server", "worker", "deploy"):
         print(f"[timing] {name} ready: {local_stack.timings[name]:.1f} s")
+    assert all(pid is not None for pid in stack_status(local_stack.stack).values())  # the reconciler too
     with local_stack.client() as client:
-        for name in ("finetune/tiny-ko", "stack-probe/hold", "link-probe/link"):
+        # Every job config in configs/ has its deployments, made from the config: no block written by hand.
+        for name in ("finetune/tiny-ko", "finetune/tiny-intent", "finetune/banking77-qwen1.5b", "parity/tiny-ko",
+                     "parity/tiny-intent", "stack-probe/hold", "link-probe/link"):
             client.read_deployment_by_name(name)  # raises ObjectNotFound when not deployed
         limit = client.read_global_concurrency_limit_by_name(ACCELERATOR_LIMIT)
         pool = client.read_work_pool("loraflow")
         qwen = client.read_deployment_by_name("finetune/qwen-ko")
-        serve = client.read_deployment_by_name("serve/tiny-ko")
+        parity = client.read_deployment_by_name("parity/tiny-ko")
     assert (limit.limit, pool.type) == (1, "process")
-    assert qwen.parameters == {"config": "configs/qwen-ko.yaml"}
+    assert qwen.parameters == {"config": "configs/qwen-ko.yaml"} and "qwen-ko" in qwen.description
     [schedule] = qwen.schedules
-    # The weekly cron is deployed, but this CPU-only machine cannot run a `model.device: cuda` job: inactive.
+    # The weekly cron of the job's YAML is deployed, but this CPU-only machine cannot run a `model.device: cuda`
+    # job: inactive.
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 3 * * 0", "Asia/Seoul", False)
-    assert "finetune/qwen-ko/weekly: paused (this machine lacks the job's device)" in (
+    assert "finetune/qwen-ko/schedule: paused (this machine lacks the job's device)" in (
         local_stack.home / "run" / "schedules.log").read_text()
-    # No vLLM runs for tiny-ko, so its polling reconciler stays off.
-    assert [s.active for s in serve.schedules] == [False]
+    # Served parity runs when a serve pass routes a new champion; no deployment concurrency slot can be left taken.
+    assert parity.global_concurrency_limit is None and not parity.schedules
 
 
 def test_deployment_run_logs_to_mlflow_and_links_both_ways(local_stack: RunningStack) -> None:
@@ -253,7 +257,7 @@ def test_restart_keeps_state_and_down_leaves_no_process(local_stack: RunningStac
     log_timing(local_stack, "restart: prefect-server healthy", timings["prefect-server"])
     log_timing(local_stack, "restart: mlflow-server healthy", timings["mlflow-server"])
     assert 'active = "loraflow"' in profiles.read_text()
-    deploy(local_stack.stack, TEST_FLOWS_FILE)  # the YAML says `active: true` again
+    deploy(local_stack.stack, base_file=TEST_FLOWS_FILE)  # the YAML says `active: true` again
     with local_stack.client() as client:
         assert runs_before <= {run.id for run in client.read_flow_runs()}
         qwen = client.read_deployment_by_name("finetune/qwen-ko")

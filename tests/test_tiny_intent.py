@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from flows.finetune import finetune
+from loraflow.config import load_config
 from loraflow.registry.client import client_at
-from loraflow.serving.records import stop_job_servers
+from loraflow.serving.deploy import stop_job
 from tests.fixtures import free_port
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,7 @@ CONFIG = "configs/tiny-intent.yaml"
 
 @pytest.fixture(scope="module")
 def intent_run(tiny_base_dir) -> dict:
-    return finetune(config=CONFIG, overrides={"serving.enabled": False})
+    return finetune(config=CONFIG, overrides={"serving.enabled": False})  # served below, once judged
 
 
 def test_tuned_accuracy_beats_base_and_passes_the_gate(intent_run: dict) -> None:
@@ -54,15 +55,15 @@ def test_confusion_matrix_and_label_set_land_in_mlflow(intent_run: dict) -> None
 
 @pytest.fixture(scope="module")
 def served_intent_run(intent_run: dict) -> Iterator[dict]:
-    """The same version (every step cached) served through the router; served parity scores the held-out rows."""
-    overrides = {"serving.enabled": True, "serving.port": free_port(), "serving.vllm_port": free_port()}
+    """The same version (every step cached) served through the endpoint; served parity scores the held-out rows."""
+    overrides = {"serving.port": free_port()}
     try:
         yield finetune(config=CONFIG, overrides=overrides)
     finally:
-        stop_job_servers("tiny-intent")
+        stop_job(load_config(CONFIG, overrides))
 
 
-def test_served_accuracy_through_the_router_equals_the_registered_one(served_intent_run: dict,
+def test_served_accuracy_through_the_endpoint_equals_the_registered_one(served_intent_run: dict,
                                                                       intent_run: dict) -> None:
     assert served_intent_run["version"] == intent_run["version"]
     parity = served_intent_run["served_parity"]

@@ -4,8 +4,9 @@ Each subcommand is a small typed function over the plain functions of the stages
 `serve`), in the module of its group (loraflow/cli/<group>.py):
 
     loraflow up | down | status | demo             the local stack (Prefect server + worker + MLflow server)
+    loraflow deploy [path/to/job.yaml]             deployments from every job config (after adding a file)
     loraflow run configs/tiny-ko.yaml --set training.epochs=1
-    loraflow serve configs/tiny-ko.yaml [--stop]   reconcile vLLM with the registry's aliases now
+    loraflow serve configs/tiny-ko.yaml [--stop]   serve a job's aliases now (or take it off the endpoint)
     loraflow promote tiny-ko 3 | rollback tiny-ko 2 | versions tiny-ko
     loraflow plan configs/qwen-ko.yaml [--json]    parameters and memory per mode, offline (--probe: measured here)
     loraflow schema [--output configs/schema.json] the job config's JSON Schema (field help for editors)

@@ -6,8 +6,8 @@ import json
 import sys
 
 from loraflow import paths
-from loraflow.cli.common import AddCommand, config_arg, parse_overrides
-from loraflow.config import load_config
+from loraflow.cli.common import DEFAULT_CONFIG, AddCommand, config_arg, parse_overrides
+from loraflow.config import ConfigError, load_config
 
 
 def run(config: str, overrides: list[str]) -> int:
@@ -36,17 +36,32 @@ def run(config: str, overrides: list[str]) -> int:
     return 0
 
 
-def plan(config: str, as_json: bool, probe: bool, steps: int, rows: int | None) -> int:
-    """Offline; --probe measures a few training steps on this machine instead (loraflow/training/probe.py)."""
-    if probe:
+def plan(configs: list[str], as_json: bool, probe: bool, steps: int, rows: int | None, serving: bool) -> int:
+    """Offline; --probe measures a few training steps on this machine instead (loraflow/training/probe.py);
+    --serving plans what serving the jobs takes together (loraflow/serving/memory_plan.py)."""
+    from loraflow.serving.memory_plan import format_serving_plan, plan_serving
+
+    jobs = [load_config(config) for config in configs or [DEFAULT_CONFIG]]
+    if serving:
+        planned, text = plan_serving(jobs), format_serving_plan
+    elif len(jobs) > 1:
+        raise ConfigError("`loraflow plan` takes one job (several with --serving)")
+    elif probe:
         from loraflow.training.probe import format_probe, probe_and_log
 
-        planned, text = probe_and_log(load_config(config), steps, rows), format_probe
+        planned, text = probe_and_log(jobs[0], steps, rows), format_probe
     else:
         from loraflow.training.plan import format_plan, plan_job
 
-        planned, text = plan_job(load_config(config)), format_plan
-    print(json.dumps(planned.model_dump(mode="json"), indent=2) if as_json else text(planned))
+        planned, text = plan_job(jobs[0]), format_plan
+    if as_json:
+        print(json.dumps(planned.model_dump(mode="json"), indent=2))
+        return 0
+    print(text(planned))
+    if not (serving or probe) and jobs[0].serving.enabled:
+        # Its share of serving: its adapters on the server of its base, which every job of that base shares.
+        print("\nserving (with every other job of its base on one server: `loraflow plan --serving CONFIG...`)\n"
+              + format_serving_plan(plan_serving(jobs), totals=False))
     return 0
 
 
@@ -85,7 +100,10 @@ def register(command: AddCommand) -> None:
     config_arg(sub)
     sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     sub = command("plan", plan, "trainable/total parameters, adapter size and memory per mode, offline")
-    config_arg(sub)
+    sub.add_argument("configs", nargs="*", metavar="CONFIG", help=f"job YAML (default {DEFAULT_CONFIG}); several "
+                     "with --serving")
+    sub.add_argument("--serving", action="store_true", help="what serving the jobs takes together: one base per "
+                     "server + every job's adapters + KV cache")
     sub.add_argument("--json", dest="as_json", action="store_true")
     sub.add_argument("--probe", action="store_true", help="measure a few worst-case training steps here, log to MLflow")
     sub.add_argument("--steps", type=int, default=5, help="--probe: optimizer steps to measure (default 5)")

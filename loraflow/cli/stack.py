@@ -1,4 +1,5 @@
-"""`loraflow up | down | status | demo`: the local stack (Prefect server + worker + MLflow server)."""
+"""`loraflow up | deploy | down | status | demo`: the local stack (Prefect server + worker + MLflow server + the
+serving reconciler) and the deployments made from the job configs."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ def up(registry: str | None, auth: str | None) -> int:
         print(f"{name}: ready in {seconds:.1f} s")
     print(describe(stack))
     print("\nIn any shell: prefect deployment run finetune/tiny-ko --watch   (profile 'loraflow' is active)")
+    return 0
+
+
+def deploy(configs: list[str]) -> int:
+    """Refresh the deployments from the job configs (a file added to configs/, one named here, one removed)."""
+    from loraflow.localstack.lifecycle import deploy as deploy_jobs
+
+    print("\n".join(deploy_jobs(local_stack(), configs)))
     return 0
 
 
@@ -55,6 +64,10 @@ def register(command: AddCommand) -> None:
                      help="the MLflow server's store (default: what this LORAFLOW_HOME used before, else sqlite)")
     sub.add_argument("--auth", choices=["none", "basic"], default=None,
                      help="basic: MLflow's basic-auth app; aliases move only with EDIT on the model")
+    sub = command("deploy", deploy, "make every job's deployments from its config (configs/*.yaml and the files "
+                  "named here); retire those of removed files")
+    sub.add_argument("configs", nargs="*", metavar="CONFIG", help="job YAMLs outside configs/ to deploy too "
+                     "(remembered by later deploys until the file is gone)")
     command("down", down, "stop everything the local stack and its flows started")
     command("status", status, "what runs, where, and for which LORAFLOW_HOME")
     config_arg(command("demo", demo, "up, run finetune/tiny-ko through Prefect, then ask the champion"))

@@ -11,13 +11,14 @@ from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.promotion import PromotionConfig
 from loraflow.config.registry import RegistryConfig
+from loraflow.config.schedule import ScheduleConfig
 from loraflow.config.serving import MergeConfig, ServingConfig
 from loraflow.config.training import TrainingConfig
 
 
 class JobConfig(Section):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="The job's name: its Prefect deployments "
-                      "(`finetune/<name>`, `serve/<name>`) and run names; lowercase letters, digits, `.`, `_`, `-`.")
+                      "(`finetune/<name>`, `parity/<name>`) and run names; lowercase letters, digits, `.`, `_`, `-`.")
     model: ModelConfig = Field(description="The base model and how it is loaded.")
     data: DataConfig = Field(description="Data sources and the rules a row must pass to become training data.")
     lora: LoraSettings = Field(default=LoraSettings(), description="The LoRA adapter's shape.")
@@ -30,5 +31,14 @@ class JobConfig(Section):
     promotion: PromotionConfig = Field(default=PromotionConfig(), description="When a registered version earns an "
                                        "alias.")
     merge: MergeConfig = Field(default=MergeConfig(), description="Merging the adapter into the base.")
-    serving: ServingConfig = Field(default=ServingConfig(), description="Serving the aliases on vLLM behind "
-                                   "loraflow's router.")
+    serving: ServingConfig = Field(default=ServingConfig(), description="Serving the aliases on the vLLM of the "
+                                   "job's base, behind the stack's endpoint.")
+    schedule: ScheduleConfig | None = Field(default=None, description="Retrain on a cron schedule (the "
+                                            "`finetune/<name>` deployment's); None: runs only when started.")
+
+    @property
+    def checks_served_parity(self) -> bool:
+        """Whether a served version of this job is scored as served (docs/serving.md): serving and its parity check
+        are on, and there is something to score (benchmark tasks or the held-out task)."""
+        return (self.serving.enabled and self.serving.parity.enabled
+                and bool(self.eval.benchmarks.tasks or self.eval.heldout.enabled))

@@ -59,31 +59,42 @@ class ParityConfig(Section):
 
 
 class ServingConfig(Section):
-    enabled: bool = Field(default=False, description="The finetune flow ends by deploying the registry's aliases "
-                          "on vLLM behind the router (`serve/<job>` always serves).")
-    host: str = Field(default="127.0.0.1", description="The address the router listens on (vLLM stays on "
-                      "127.0.0.1).")
-    port: int = Field(default=8000, gt=0, lt=65536, description="The public port: loraflow's router (stable name "
-                      "-> champion's versioned name) listens here.")
-    vllm_port: int = Field(default=8001, gt=0, lt=65536, description="vLLM itself, reached only through the router "
-                           "(and by the reconciler for load/unload).")
+    """How the job is served: its adapters on the vLLM of its base, shared with every job whose base and server
+    settings are the same, behind the stack's one endpoint (docs/serving.md)."""
+
+    enabled: bool = Field(default=False, description="The finetune flow ends by serving the registry's aliases; "
+                          "while the stack's endpoint runs, a promotion in the MLflow UI reaches serving.")
+    # The endpoint is the stack's, shared by every job: these are checked against the running one, never a second.
+    host: str | None = Field(default=None, description="The address the stack's endpoint listens on; None: the "
+                             "running endpoint's, else LORAFLOW_SERVING_HOST (default 127.0.0.1). A job naming "
+                             "another address than the running endpoint's fails, naming this field.")
+    port: int | None = Field(default=None, gt=0, lt=65536, description="The endpoint's port (OpenAI API of every "
+                             "served job); None: the running endpoint's, else LORAFLOW_SERVING_PORT (default "
+                             "8000). A job naming another port than the running endpoint's fails, naming this "
+                             "field.")
     # The key itself never lives in a config.
     api_key_env: str = Field(default="LORAFLOW_VLLM_API_KEY", description="The name of the environment variable "
-                             "holding the API key.")
-    max_loras: int = Field(default=4, gt=0, description="Adapters vLLM runs in one batch (`--max-loras`).")
-    max_lora_rank: int | None = Field(default=None, gt=0, description="vLLM's `--max-lora-rank`; None: derived from "
-                                      "the adapters to serve and `lora.r`, rounded up to a rank vLLM accepts.")
+                             "holding the endpoint's API key (one per endpoint: every job served there names the "
+                             "same variable).")
+    max_loras: int | None = Field(default=None, gt=0, description="Adapters of this job its server keeps ready at "
+                                  "once; None: its aliases plus one draining during a switch. The server's "
+                                  "`--max-loras`/`--max-cpu-loras` is the sum over the jobs it serves.")
+    max_lora_rank: int | None = Field(default=None, gt=0, description="The least `--max-lora-rank` this job needs; "
+                                      "None: derived from `lora.r` and the adapters to serve. The server takes the "
+                                      "largest over its jobs, rounded up to a rank vLLM accepts, and restarts to "
+                                      "grow it.")
     max_model_len: int | None = Field(default=None, gt=0, description="vLLM's `--max-model-len`; None: the "
-                                      "model's own.")
+                                      "model's own. Part of what a shared server must agree on.")
     dtype: DtypeName = Field(
         default="auto", description="The served dtype; `auto`: the model's dtype on its device (fp32 on CPU, bf16 "
-        "on a GPU that has it, else fp16).")
+        "on a GPU that has it, else fp16). Part of what a shared server must agree on.")
     cpu_kv_cache_gib: int = Field(default=1, gt=0, description="vLLM's CPU KV cache in GiB "
                                   "(VLLM_CPU_KVCACHE_SPACE); ignored on CUDA.")
     # vLLM's default 0.9 leaves no room for a training on the same GPU: docs/stack.md.
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="The fraction of each GPU's "
-                                                 "memory vLLM takes for weights + KV cache; None: vLLM's default "
-                                                 "(0.9). Ignored on CPU.")
+                                                 "memory the job's vLLM takes for weights + KV cache; None: vLLM's "
+                                                 "default (0.9). Ignored on CPU. Servers of different bases on one "
+                                                 "GPU must sum to at most 1.")
     # Multi-GPU serving of a large base: GPUs = tensor_parallel_size x pipeline_parallel_size.
     tensor_parallel_size: int = Field(default=1, gt=0, description="vLLM's tensor parallel size (GPUs per "
                                       "pipeline stage).")
@@ -96,12 +107,18 @@ class ServingConfig(Section):
     canary: CanaryConfig = CanaryConfig()
     parity: ParityConfig = ParityConfig()
     extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` arguments, appended as "
-                                  "they are.")
+                                  "they are. Part of what a shared server must agree on.")
 
     @model_validator(mode="after")
-    def _distinct_ports(self) -> ServingConfig:
-        if self.port == self.vllm_port:
-            raise ValueError("`port` (router) and `vllm_port` must differ")
+    def _champion_served(self) -> ServingConfig:
         if "champion" not in self.aliases:
             raise ValueError("`aliases` must include `champion` (the stable name follows it)")
+        if self.max_loras is not None and self.max_loras < len(self.aliases):
+            raise ValueError(f"`max_loras` ({self.max_loras}) must hold the {len(self.aliases)} aliased versions "
+                             f"({', '.join(self.aliases)})")
         return self
+
+    @property
+    def slots(self) -> int:
+        """Adapters of this job its server keeps ready: the aliased versions and one draining during a switch."""
+        return self.max_loras or len(self.aliases) + 1

@@ -181,7 +181,7 @@ def vllm_model_args(model: ModelConfig, evaluation: EvalConfig, adapter_dir: str
     """lm-eval `vllm` model_args for the base (`adapter_dir` None) or base + adapter: the base at its revision in
     the serving dtype, the adapter as a LoRA of the smallest rank vLLM accepts that holds it."""
     from loraflow.base.load import resolve_base
-    from loraflow.serving.vllm_server import adapter_rank, vllm_lora_rank
+    from loraflow.serving.server_spec import adapter_rank, vllm_lora_rank
     from loraflow.training.models import device_for, dtype_for
 
     args: dict[str, Any] = {

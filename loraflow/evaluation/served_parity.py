@@ -1,5 +1,5 @@
 """served_parity: after deploy, score what answers. The configured lm-eval tasks run through the OpenAI-compatible
-API (lm-eval's `local-completions`, on the version's served name, through the router as clients reach it) and are
+API (lm-eval's `local-completions`, on the version's served name, through the endpoint as clients reach it) and are
 compared with the `tuned/...` metrics the version was judged on. Beyond `stderr_multiple` standard errors on any
 metric, the version is tagged `serving.parity=failed` with the numbers: what answers is not what was judged.
 
@@ -69,13 +69,8 @@ class ParityReport(BaseModel):
 
 def parity_key(job: JobConfig) -> str:
     """What the check depends on besides the version: how it is served and what is measured."""
-    serving = job.serving.model_dump(mode="json", exclude={"port", "vllm_port", "host", "startup_timeout_s"})
+    serving = job.serving.model_dump(mode="json", exclude={"port", "host", "startup_timeout_s", "max_loras"})
     return sha_of(serving, job.eval.benchmarks.model_dump(mode="json"), job.eval.heldout.model_dump(mode="json"))[:16]
-
-
-def parity_applies(job: JobConfig) -> bool:
-    """Whether the job has anything to score as served (benchmark tasks or the held-out task) and the check is on."""
-    return bool(job.eval.benchmarks.tasks or job.eval.heldout.enabled) and job.serving.parity.enabled
 
 
 def parity_verdict(job: JobConfig, model_name: str, version: str) -> str | None:
@@ -111,12 +106,12 @@ def _served_heldout(client: Any, run_id: str, lm: Any, job: JobConfig, scratch: 
     return heldout.run_heldout(lm, job.eval.heldout, task_dir, scratch, SERVED)
 
 
-def served_model_args(job: JobConfig, served_name: str, router_url: str, api_key: str | None) -> dict[str, Any]:
+def served_model_args(job: JobConfig, served_name: str, endpoint_url: str, api_key: str | None) -> dict[str, Any]:
     """lm-eval `local-completions` arguments for a served name: prompts go as token ids (the base's tokenizer), so
     the served model scores exactly the tokens the in-process evaluation scored."""
     return {
         "model": served_name,
-        "base_url": f"{router_url}/v1/completions",
+        "base_url": f"{endpoint_url}/v1/completions",
         "tokenizer": resolve_base(job.model),
         "revision": job.model.revision or "main",
         "tokenizer_backend": "huggingface",
@@ -127,13 +122,13 @@ def served_model_args(job: JobConfig, served_name: str, router_url: str, api_key
     }
 
 
-def check_served_parity(job: JobConfig, version: RegisteredVersion, router_url: str, api_key: str | None,
+def check_served_parity(job: JobConfig, version: RegisteredVersion, endpoint_url: str, api_key: str | None,
                         force: bool = False) -> ParityReport | None:
     """Score `<model>-v<version>` as served and tag the version. None when there is nothing to check (no
     benchmark tasks, or the check is off) or this version was checked under the same serving set-up (unless
     `force`)."""
     bench = job.eval.benchmarks
-    if not parity_applies(job):
+    if not job.checks_served_parity:
         return None
     client = client_for(job.registry)
     key = parity_key(job)
@@ -144,7 +139,7 @@ def check_served_parity(job: JobConfig, version: RegisteredVersion, router_url: 
     limit = job.serving.parity.limit
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    lm = LocalCompletionsAPI(**served_model_args(job, served_name, router_url, api_key))
+    lm = LocalCompletionsAPI(**served_model_args(job, served_name, endpoint_url, api_key))
     scores: dict[str, float] = {}
     seconds = 0.0
     with tempfile.TemporaryDirectory() as scratch:

@@ -1,5 +1,6 @@
-"""`loraflow up | down | status`: start what is not running, wait for health, create pool and limit, deploy, point
-the plain `prefect` CLI at the server; stop exactly what was started (serving included); say what runs.
+"""`loraflow up | down | status | deploy`: start what is not running, wait for health, create pool and limits,
+deploy every job's deployments, point the plain `prefect` CLI at the server; stop exactly what was started
+(serving included) and leave no flow run claiming to run; say what runs.
 
 Every process is started detached in its own process group and recorded with its start time under
 LORAFLOW_HOME/run/; `down` stops exactly those process groups (and their descendants) and checks nothing is left.
@@ -19,9 +20,15 @@ from pathlib import Path
 import psutil
 
 from loraflow.config import load_config
-from loraflow.localstack import postgres, profile, schedules
+from loraflow.localstack import jobs, postgres, profile, schedules
 from loraflow.localstack.mlflow_auth import PASSWORD_ENV, USERNAME_ENV
-from loraflow.localstack.prefect_api import ensure_pool_and_limits, worker_online
+from loraflow.localstack.prefect_api import (
+    RECONCILER_TAG,
+    crash_orphaned_runs,
+    ensure_pool_and_limits,
+    retire_deployments,
+    worker_online,
+)
 from loraflow.localstack.stack import HOST, PREFECT_FILE, REPO_ROOT, Stack, StackError
 from loraflow.localstack.webhook import EVENTS, WEBHOOK_PATH
 from loraflow.process import (
@@ -36,7 +43,7 @@ from loraflow.process import (
     write_record,
 )
 from loraflow.registry.client import client_at
-from loraflow.serving.records import running_endpoint, running_servers, stop_all_servers
+from loraflow.serving.records import job_records, read_endpoint, running_servers, server_records, stop_all_serving
 
 # A recorded server that is alive may stall for a while under load (Prefect's SQLite locked): how long it may take
 # to answer before it counts as not answering.
@@ -44,7 +51,7 @@ RECORDED_HEALTH_S = 60.0
 # MLflow needs ~25 s to become healthy on an idle machine; give a loaded 2-core machine room.
 HEALTH_TIMEOUT_S = 180.0
 # Start order; `down` stops in reverse. postgres runs only when the registry is on the stack's own PostgreSQL.
-SERVICE_ORDER = ("postgres", "prefect-server", "mlflow-server", "webhook", "worker")
+SERVICE_ORDER = ("postgres", "prefect-server", "mlflow-server", "webhook", "worker", "reconciler")
 WEBHOOK_NAME = "loraflow-serving"
 
 
@@ -108,12 +115,8 @@ def device_present(config: str) -> bool:
     return load_config(REPO_ROOT / config).model.device != "cuda" or gpu_present()
 
 
-def serving_up(config: str) -> bool:
-    return running_endpoint(load_config(REPO_ROOT / config).registry.model_name) is not None
-
-
 def settle_schedules(stack: Stack, before: list[schedules.Schedule]) -> list[str]:
-    return schedules.settle(stack.prefect_api_url, stack.run_dir, before, device_present, serving_up)
+    return schedules.settle(stack.prefect_api_url, stack.run_dir, before, device_present)
 
 
 def register_webhook(stack: Stack) -> None:
@@ -130,18 +133,16 @@ def register_webhook(stack: Stack) -> None:
                               status="ACTIVE")
 
 
-def pause_idle_polling(stack: Stack) -> list[str]:
-    """After serving servers stopped: their serve/<job> polling schedules pause (else the fallback would start
-    them again within a minute). Nothing to do when the stack's Prefect server is not running."""
-    if recorded_process(stack, "prefect-server") is None or not answers_within(stack.prefect_api_url + "/health",
-                                                                               RECORDED_HEALTH_S):
-        return []
-    return settle_schedules(stack, schedules.read_schedules(stack.prefect_api_url))
-
-
-def deploy(stack: Stack, prefect_file: Path = PREFECT_FILE) -> list[str]:
-    """`prefect deploy --all` from the repo root, exactly as a person would run it; then the schedules are put
-    back the way this machine and its people want them (localstack/schedules.py). Returns what was changed."""
+def deploy(stack: Stack, extra: list[str] = (), base_file: Path = PREFECT_FILE) -> list[str]:
+    """Every job's deployments (loraflow/localstack/jobs.py) through `prefect deploy --all`, exactly as a person
+    would run it; then the deployments of removed job files are retired and the schedules put back the way this
+    machine and its people want them (localstack/schedules.py). Returns what changed, one line each. A job file
+    that does not validate changes nothing: the error names the file and field."""
+    found, errors = jobs.read_jobs(jobs.job_files(stack, list(extra)))
+    if errors:
+        raise StackError("job configs that do not validate (fix them, or move them out of configs/); nothing was "
+                         "deployed:\n" + "\n".join(errors))
+    prefect_file = jobs.write_prefect_file(stack, base_file, found, list(extra))
     before = schedules.read_schedules(stack.prefect_api_url)
     result = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
@@ -149,13 +150,19 @@ def deploy(stack: Stack, prefect_file: Path = PREFECT_FILE) -> list[str]:
         capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise StackError(f"prefect deploy failed ({prefect_file}):\n{result.stdout}\n{result.stderr}")
-    return settle_schedules(stack, before)
+    # `serve/<job>` deployments of earlier loraflow versions go too: the reconciler serves every job now.
+    retired = retire_deployments(stack.prefect_api_url, jobs.GENERATED_TAG, jobs.generated_names(found),
+                                 obsolete_flows=("serve",))
+    changes = [f"deployed {name}" for name in sorted(jobs.generated_names(found))]
+    changes += [f"retired {name} (its job file is gone)" for name in retired]
+    return changes + settle_schedules(stack, before)
 
 
-def up(stack: Stack, prefect_file: Path | None = PREFECT_FILE) -> dict[str, float]:
-    """Start whatever is not running, wait for health, create pool and limit, deploy `prefect_file`, and make
-    the `loraflow` Prefect profile active. Returns seconds to healthy for each service started now (and `deploy`);
-    the schedule decisions are logged to run/schedules.log."""
+def up(stack: Stack, deploy_jobs: bool = True, base_file: Path = PREFECT_FILE) -> dict[str, float]:
+    """Start whatever is not running, wait for health, create pool and limits, mark runs left by a crash (a killed
+    worker or reconciler, a reboot) as Crashed, deploy every job (unless `deploy_jobs` is off), start the serving
+    reconciler and make the `loraflow` Prefect profile active. Returns seconds to healthy for each service started
+    now (and `deploy`); what deploying changed is logged to run/schedules.log."""
     for sub in ("prefect", "mlflow"):
         (stack.home / sub).mkdir(parents=True, exist_ok=True)
     postgres.remember_setting(stack.home, "backend", stack.registry)
@@ -179,30 +186,45 @@ def up(stack: Stack, prefect_file: Path | None = PREFECT_FILE) -> dict[str, floa
             start_service(stack, "webhook").wait_healthy(60.0)
             timings["webhook"] = time.monotonic() - started
         register_webhook(stack)
+        # What a crash (a killed worker or reconciler, a reboot) left Running is Crashed before anything waits on it.
+        reconciler_gone = recorded_process(stack, "reconciler") is None
+        crash_orphaned_runs(stack.prefect_api_url, RECONCILER_TAG if reconciler_gone else None)
         if recorded_process(stack, "worker") is None:
             started, since = time.monotonic(), datetime.now(UTC)
             worker = start_service(stack, "worker")
             worker.wait_healthy(120.0, check=lambda: worker_online(stack.prefect_api_url, since))
             timings["worker"] = time.monotonic() - started
+        if deploy_jobs:
+            started = time.monotonic()
+            changes = deploy(stack, base_file=base_file)
+            timings["deploy"] = time.monotonic() - started
+            (stack.run_dir / "schedules.log").write_text("\n".join(changes) + "\n")
+        if reconciler_gone:
+            start_service(stack, "reconciler")  # reads what was deployed; alias events of the last minute replay
     except ProcessFailed as error:
         raise StackError(str(error)) from None
-    if prefect_file is not None:
-        started = time.monotonic()
-        changes = deploy(stack, prefect_file)
-        timings["deploy"] = time.monotonic() - started
-        (stack.run_dir / "schedules.log").write_text("\n".join(changes) + "\n")
     profile.activate(stack)
     return timings
 
 
 def down(stack: Stack) -> list[int]:
-    """Stop what flows started (vLLM + router of each served model), then the worker (it owns running flows),
-    then the servers; hand the `prefect` CLI back to the profile it used before `up`. Returns the PIDs stopped."""
-    stopped = stop_all_servers(stack.home)
-    pause_idle_polling(stack)
-    for name in reversed(SERVICE_ORDER):  # the worker first: it owns running flows
-        stopped += stop_record(read_record(stack.record_file(name)))
-        stack.record_file(name).unlink(missing_ok=True)
+    """Stop the reconciler (no pass starts), then serving (endpoint and base servers), the worker (it owns running
+    flows), mark what they left Running as Crashed, then the servers; hand the `prefect` CLI back to the profile it
+    used before `up`. Returns the PIDs stopped."""
+    stopped = _stop_service(stack, "reconciler")
+    stopped += stop_all_serving(stack.home)
+    stopped += _stop_service(stack, "worker")
+    if recorded_process(stack, "prefect-server") is not None and answers_within(
+            str(stack.service("prefect-server").health_url), RECORDED_HEALTH_S):
+        crash_orphaned_runs(stack.prefect_api_url, RECONCILER_TAG)
+    for name in reversed(SERVICE_ORDER):
+        stopped += _stop_service(stack, name)
+    return stopped
+
+
+def _stop_service(stack: Stack, name: str) -> list[int]:
+    stopped = stop_record(read_record(stack.record_file(name)))
+    stack.record_file(name).unlink(missing_ok=True)
     return stopped
 
 
@@ -212,9 +234,31 @@ def status(stack: Stack) -> dict[str, int | None]:
     return {name: (process.pid if (process := recorded_process(stack, name)) else None) for name in names}
 
 
+def describe_serving(home: Path) -> list[str]:
+    """The endpoint, each base server with the jobs on it, and why a job of the same base is not on it."""
+    endpoint = read_endpoint(home)
+    if endpoint is None:
+        return ["serving        off (a finetune run of a served job, or `loraflow serve CONFIG`, starts it)"]
+    alive = recorded(endpoint.process) is not None
+    lines = [f"endpoint       {endpoint.url}/v1 ({'pid ' + str(endpoint.process['pid']) if alive else 'crashed'})"]
+    served = job_records(home)
+    for server in server_records(home):
+        on_it = [j.model for j in served if j.server == server.server_id and not j.stopped]
+        state = f"pid {server.process['pid']}" if recorded(server.process) is not None else "restarting"
+        lines.append(f"base server    {server.server_id} ({state}, --max-lora-rank {server.max_lora_rank}, "
+                     f"--max-loras {server.capacity['max_loras']}): {', '.join(on_it) or 'no job'}")
+    for job in served:
+        lines += [f"  {job.model}: {note}" for note in job.notes]
+        if job.stopped:
+            lines.append(f"  {job.model}: taken off (`loraflow serve --stop`); `loraflow serve` serves it again")
+    return lines
+
+
 def describe(stack: Stack) -> str:
-    """What `loraflow status` prints: each service, the serving servers on this machine, the URLs."""
+    """What `loraflow status` prints: each service, serving (which jobs share which server, and why not), the
+    loraflow servers on this machine, the URLs."""
     lines = [f"{name:15} {'running, pid ' + str(pid) if pid else 'stopped'}" for name, pid in status(stack).items()]
+    lines += describe_serving(stack.home)
     for server in running_servers(stack.home):
         lines.append(f"{server.name:15} running, pid {server.pid} on port {server.port} ({server.owner})")
     lines += [

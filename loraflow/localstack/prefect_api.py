@@ -4,22 +4,35 @@ the runs of a deployment. The only module under loraflow/ besides the rest of lo
 
 from __future__ import annotations
 
-from contextlib import suppress
+import socket
+from contextlib import AbstractContextManager, suppress
 from datetime import datetime
+from uuid import UUID
 
+import psutil
+from prefect import tags
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
-from prefect.client.schemas.objects import FlowRun, WorkerStatus
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType, WorkerStatus
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Crashed
 from prefect.workers.process import ProcessWorker
 
 POOL = "loraflow"
 WORKER_NAME = "loraflow-local"
 # Training and serving hold a slot of this global concurrency limit, so two never share the device.
 ACCELERATOR_LIMIT = "accelerator"
+# The reconciler runs each serve pass as a flow run of its own process, tagged so that `up`/`down` can tell its
+# runs from others once it is gone.
+RECONCILER_TAG = "loraflow-reconciler"
 
 
 def ensure_limit(name: str = ACCELERATOR_LIMIT, slots: int = 1) -> None:
@@ -65,3 +78,47 @@ def latest_flow_run(api_url: str, deployment: str) -> FlowRun | None:
             flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[target.id])),
             sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
     return runs[0] if runs else None
+
+
+def retire_deployments(api_url: str, tag: str, keep: set[str], obsolete_flows: tuple[str, ...] = ()) -> list[str]:
+    """Delete the deployments tagged `tag` whose `flow/name` is not in `keep` (their job file is gone), and every
+    deployment of `obsolete_flows`; returns their names."""
+    retired = []
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        flows: dict[UUID, str] = {}
+        for deployment in client.read_deployments():
+            flow = flows.setdefault(deployment.flow_id, client.read_flow(deployment.flow_id).name)
+            name = f"{flow}/{deployment.name}"
+            if (tag in (deployment.tags or []) and name not in keep) or flow in obsolete_flows:
+                client.delete_deployment(deployment.id)
+                retired.append(name)
+    return retired
+
+
+def reconciler_runs() -> AbstractContextManager[None]:
+    """Flow runs started in the body carry RECONCILER_TAG: the serve passes of the stack's reconciler process."""
+    return tags(RECONCILER_TAG)
+
+
+def crash_orphaned_runs(api_url: str, reconciler_tag: str | None) -> list[str]:
+    """Flow runs left Running/Pending by processes that are gone (a stopped or killed worker or reconciler, a
+    reboot) are marked Crashed, so nothing waits on them and the UI tells the truth. Only runs whose process is
+    known to be gone: a worker's (its recorded infrastructure pid is dead) or the stack's reconciler's (called
+    while no reconciler runs)."""
+    crashed = []
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        running = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]))))
+        for run in running:
+            if (reconciler_tag is not None and reconciler_tag in (run.tags or [])) or _gone(run.infrastructure_pid):
+                client.set_flow_run_state(run.id, Crashed(message="its process stopped with the local stack (or "
+                                                          "was killed); marked by `loraflow up`/`down`"), force=True)
+                crashed.append(f"{run.name} ({run.id})")
+    return crashed
+
+
+def _gone(infrastructure_pid: str | None) -> bool:
+    """A worker-started run's infrastructure pid (`pid` or `hostname:pid`) names a process of this machine that no
+    longer runs."""
+    host, _, pid = (infrastructure_pid or "").rpartition(":")
+    return host in ("", socket.gethostname()) and pid.isdigit() and not psutil.pid_exists(int(pid))

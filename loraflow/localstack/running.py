@@ -4,7 +4,6 @@ bench/promotion.py use it; its checks fail with AssertionError carrying the comm
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -26,9 +25,10 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from loraflow.localstack.lifecycle import SERVICE_ORDER, recorded_process
 from loraflow.localstack.stack import REPO_ROOT, Stack
 from loraflow.process import alive, free_port
+from loraflow.serving.urls import PORT_ENV
 
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
-TINY_KO = "tiny-ko"  # the model of configs/tiny-ko.yaml, whose serve deployment carries the trigger
+TINY_KO = "tiny-ko"  # the model of configs/tiny-ko.yaml
 
 
 @dataclass
@@ -39,18 +39,23 @@ class RunningStack:
 
     @classmethod
     def on_free_ports(cls, home: Path) -> RunningStack:
-        """A stack in `home` (not started) on free ports, with its own HOME: `loraflow up` writes the Prefect profile
-        into HOME/.prefect, where a new shell finds it."""
+        """A stack in `home` (not started) on free ports (its serving endpoint's too), with its own HOME: `loraflow
+        up` writes the Prefect profile into HOME/.prefect, where a new shell finds it."""
         stack = Stack(home=home, prefect_port=free_port(), mlflow_port=free_port(), webhook_port=free_port())
         env = {**os.environ, "LORAFLOW_HOME": str(home), "LORAFLOW_PREFECT_PORT": str(stack.prefect_port),
                "LORAFLOW_MLFLOW_PORT": str(stack.mlflow_port), "LORAFLOW_WEBHOOK_PORT": str(stack.webhook_port),
-               "HOME": str(home / "user-home")}
+               PORT_ENV: str(free_port()), "HOME": str(home / "user-home")}
         env.pop("PREFECT_PROFILES_PATH", None)
         return cls(stack, env | stack.client_env(), {})
 
     @property
     def home(self) -> Path:
         return self.stack.home
+
+    @property
+    def endpoint_url(self) -> str:
+        """Where this stack's serving endpoint answers (once something serves)."""
+        return f"http://127.0.0.1:{self.env[PORT_ENV]}"
 
     def cli(self, *args: str, check: bool = True, timeout: float = 600,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -127,15 +132,10 @@ class RunningStack:
         return [p.pid for p in before]
 
 
-def stack_record(stack: RunningStack, model: str = TINY_KO) -> dict:
-    """The serving record (`stack.json`) of `model`'s vLLM + router under the stack's LORAFLOW_HOME."""
-    return json.loads((stack.home / "serving" / model / "stack.json").read_text())
-
-
-def stable_root(router: str, model: str = TINY_KO) -> str | None:
-    """The versioned name the router's stable name `model` points at now; None while it answers no such name."""
+def stable_root(endpoint: str, model: str = TINY_KO) -> str | None:
+    """The versioned name the endpoint's stable name `model` answers with now; None while it answers no such name."""
     try:
-        listing = httpx.get(f"{router}/v1/models", timeout=10).json()["data"]
+        listing = httpx.get(f"{endpoint}/v1/models", timeout=10).json()["data"]
     except (httpx.HTTPError, KeyError, ValueError):
         return None
     return next((entry["root"] for entry in listing if entry["id"] == model), None)

@@ -1,14 +1,12 @@
 """Schedules belong to the machine that can run them and to the person who paused them.
 
-`prefect deploy` recreates every schedule as prefect.yaml says (Prefect deletes a deployment's schedules on each
+`prefect deploy` recreates every schedule as the job's YAML says (Prefect deletes a deployment's schedules on each
 upsert), so after each deploy `settle` puts back what the YAML cannot know:
 - a schedule a person paused (in the UI or `prefect deployment schedule pause`) stays paused;
 - a finetune job's schedule stays inactive on a machine without the job's device (qwen-ko's `model.device: cuda`
-  on a CPU-only stack), and is activated by a later `up` on a machine that has it;
-- the `serve/<job>` polling schedule (the fallback when a webhook is lost) is active exactly while that job's
-  vLLM + router run.
-Schedules are told apart by deployment and `slug` (set in prefect.yaml). What loraflow paused for a missing device
-is recorded in run/schedules.json, so it is never mistaken for a person's pause.
+  on a CPU-only stack), and is activated by a later `up` on a machine that has it.
+Schedules are told apart by deployment and `slug` (loraflow/localstack/jobs.py sets it). What loraflow paused for
+a missing device is recorded in run/schedules.json, so it is never mistaken for a person's pause.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 RECORD = "schedules.json"
-SERVE_FLOW = "serve"
 
 
 @dataclass(frozen=True)
@@ -49,8 +46,7 @@ def read_schedules(api_url: str) -> list[Schedule]:
     return found
 
 
-def settle(api_url: str, run_dir: Path, before: list[Schedule], device_present: Callable[[str], bool],
-           serving_up: Callable[[str], bool]) -> list[str]:
+def settle(api_url: str, run_dir: Path, before: list[Schedule], device_present: Callable[[str], bool]) -> list[str]:
     """Activate or pause each schedule as the rules above say; returns one line per schedule changed."""
     record = run_dir / RECORD
     device_paused = set(json.loads(record.read_text())) if record.is_file() else set()
@@ -58,10 +54,7 @@ def settle(api_url: str, run_dir: Path, before: list[Schedule], device_present: 
     changes, paused_for_device = [], set()
     for schedule in read_schedules(api_url):
         want, why = schedule.active, ""
-        if schedule.flow == SERVE_FLOW:
-            want = schedule.config is not None and serving_up(schedule.config)
-            why = "its servers run" if want else "its servers are not running"
-        elif schedule.config is not None and not device_present(schedule.config):
+        if schedule.config is not None and not device_present(schedule.config):
             # Recorded on every pass, paused or not, so a later `up` never takes it for a person's pause.
             want, why = False, "this machine lacks the job's device"
             paused_for_device.add(schedule.key)

@@ -1,5 +1,6 @@
-"""What the local stack is: a Prefect server, a process worker and an MLflow tracking server on 127.0.0.1, their
-ports, URLs, command lines and the environment a client needs to reach them (`loraflow up` starts them:
+"""What the local stack is: a Prefect server, a process worker, an MLflow tracking server, the MLflow webhook
+receiver and the serving reconciler on 127.0.0.1, their ports, URLs, command lines and the environment a client
+needs to reach them (`loraflow up` starts them:
 loraflow/localstack/lifecycle.py).
 
 State (Prefect's and MLflow's SQLite databases, MLflow artifacts, logs, process records) lives under
@@ -206,6 +207,14 @@ class Stack:
             port=None,
             health_url=None,
         )
+        # Serves every served job as its aliases move: one process, a pass per move (loraflow/serving/follow.py).
+        reconciler = Service(
+            name="reconciler",
+            argv=[python, "-m", "loraflow", "serve", "--follow"],
+            env=env,
+            port=None,
+            health_url=None,
+        )
         receiver = Service(
             name="webhook",
             argv=[python, "-m", "uvicorn", "loraflow.localstack.webhook:app_from_env", "--factory", "--host", HOST,
@@ -217,7 +226,7 @@ class Stack:
         local = self.local_postgres
         database = [Service(name="postgres", argv=local.argv(), env=dict(os.environ), port=self.postgres_port,
                             health_url=None)] if local else []
-        return [*database, prefect_server, mlflow_server, receiver, worker]
+        return [*database, prefect_server, mlflow_server, receiver, worker, reconciler]
 
     def mlflow_store(self) -> tuple[list[str], dict[str, str]]:
         return postgres.mlflow_store(self.registry, self.home, self.local_postgres)

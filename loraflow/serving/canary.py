@@ -13,7 +13,7 @@ from pathlib import Path
 
 from loraflow.config.serving import CanaryConfig
 from loraflow.hashing import sha_of_text
-from loraflow.serving.client import ServingClient
+from loraflow.serving.client import ServerClient
 
 TEMPLATE_FILE = "chat_template.jinja"
 
@@ -46,7 +46,7 @@ def check_template(adapter_dir: str | Path, recorded_sha: str | None, served_sha
 
 
 def check_output_changes(
-    client: ServingClient, adapter_name: str, base_name: str, config: CanaryConfig
+    client: ServerClient, adapter_name: str, base_name: str, config: CanaryConfig
 ) -> CanaryVerdict:
     changed = 0
     for prompt in config.prompts:
@@ -64,7 +64,7 @@ def check_output_changes(
 
 
 def run_canary(
-    client: ServingClient,
+    client: ServerClient,
     adapter_name: str,
     adapter_dir: str | Path,
     base_name: str,

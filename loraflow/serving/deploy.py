@@ -1,52 +1,100 @@
-"""deploy: make vLLM serve the registry's aliases for a job. Attach to the job's running servers (or start them),
-then one reconcile pass. The finetune flow's last step and the `serve` flow both run it through tasks/deploy.py."""
+"""deploy: serve a job's aliased versions. Make sure the stack's endpoint runs (or take it as off), put the job on
+the server of its base (shared with every job whose server settings agree; started, healed or grown as needed),
+record the job, then one reconcile pass. The finetune flow's last step and the `serve` flow run it through
+tasks/deploy.py; `stop_job` takes a job off."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict
 from datetime import datetime
+from typing import Any
 
+from loraflow.config import ConfigError
 from loraflow.config.job import JobConfig
+from loraflow.process import file_lock, recorded
 from loraflow.registry.client import client_for, tracking_uri
 from loraflow.registry.download import download_version
+from loraflow.serving import records
+from loraflow.serving.client import EndpointClient
+from loraflow.serving.placement import detach_from, place_job
 from loraflow.serving.reconcile import ReconcileReport, reconcile
-from loraflow.serving.records import (
-    Endpoint,
-    recorded_ports,
-    recovered_endpoint,
-    running_endpoint,
-    state_dir,
-    stop_job_servers,
-)
+from loraflow.serving.records import EndpointRecord, JobRecord
 from loraflow.serving.registry_view import aliased_versions
-from loraflow.serving.servers import start_stack
+from loraflow.serving.server_spec import job_demand, server_spec
+from loraflow.serving.servers import start_endpoint
 from loraflow.serving.vllm_server import api_key
 
+DeviceSlot = Callable[[], AbstractContextManager[None]]
 
-def deploy_aliases(job: JobConfig, start: bool = True,
-                   promoted_at: datetime | None = None) -> tuple[Endpoint, ReconcileReport] | None:
-    """Reconcile the job's running servers. Servers that crashed (their record is there, their processes are not)
-    are restarted on their ports in any case; servers that were never started, or stopped on purpose (`loraflow
-    down`, `serve --stop` drop the record first), are started only when `start`: else None, serving is off."""
+
+def endpoint_for(job: JobConfig, start: bool) -> EndpointRecord | None:
+    """The stack's running endpoint, healed after a crash (its record is there, its process is not), or started
+    when `start`; None: serving is off (never started, or stopped on purpose). A job whose endpoint settings
+    differ from the running endpoint's fails here, naming the field."""
+    with file_lock(records.endpoint_dir() / ".lock"):
+        running = records.read_endpoint()
+        if running is not None and recorded(running.process) is None:
+            # Crashed: start it again where clients expect it (the job's own fields must still agree).
+            job = job.model_copy(update={"serving": job.serving.model_copy(
+                update={"host": job.serving.host or running.host, "port": job.serving.port or running.port})})
+            running = None
+            start = True
+        if running is None:
+            return start_endpoint(job.serving) if start else None
+    serving = job.serving
+    for field, wanted, actual in (("serving.host", serving.host, running.host),
+                                  ("serving.port", serving.port, running.port),
+                                  ("serving.api_key_env", serving.api_key_env, running.api_key_env)):
+        if wanted is not None and wanted != actual:
+            raise ConfigError(f"{field}: {wanted!r} differs from the stack's running endpoint ({actual!r}); every "
+                              f"job is served by that one endpoint: remove `{field}` or set it to {actual!r}")
+    return running
+
+
+def deploy_aliases(job: JobConfig, config: str, overrides: dict[str, Any] | None = None, start: bool = True,
+                   promoted_at: datetime | None = None,
+                   device_slot: DeviceSlot = nullcontext) -> tuple[EndpointRecord, ReconcileReport] | None:
+    """Serve the job's aliased versions. `start`: start the endpoint when it does not run, and serve a job taken
+    off by `serve --stop` again; without it (the endpoint's reconciler) a stopped job or stack stays stopped.
+    `device_slot` is held while a base server starts or restarts (the accelerator)."""
     model = job.registry.model_name
-    uri = tracking_uri(job.registry)
-    adapters_root = state_dir(model) / "adapters"
-    endpoint = running_endpoint(model)
-    if endpoint is None and recorded_ports(model):
-        # vLLM died under a live router: the router's supervisor is restarting it (reloading what was loaded);
-        # restarting here too would race it. Startup plus reloading the adapters bounds the wait.
-        endpoint = recovered_endpoint(model, job.serving.startup_timeout_s + 120)
-    if endpoint is None:
-        ports = recorded_ports(model)
-        if not ports and not start:
+    with file_lock(records.job_lock(model)):
+        previous = records.read_job(model)
+        if previous is not None and previous.stopped and not start:
             return None
-        # A pair its supervisor could not heal (the router died too, or vLLM never came back) is ours to replace:
-        # stop what is recorded, then start anew on the same ports.
-        if ports:
-            job = job.model_copy(update={"serving": job.serving.model_copy(update=ports)})
-        stop_job_servers(model)
-        # Download first: --max-lora-rank must hold the adapters that are going to be served.
-        adapters = [download_version(v, adapters_root, uri)
-                    for v in aliased_versions(client_for(job.registry), model, job.serving.aliases).values()]
-        endpoint = start_stack(job, adapters).endpoint
-    report = reconcile(job, endpoint, uri, api_key(job.serving), adapters_root, promoted_at=promoted_at)
-    return endpoint, report
+        endpoint = endpoint_for(job, start)
+        if endpoint is None:
+            return None
+        uri = tracking_uri(job.registry)
+        registry = client_for(job.registry)
+        adapters_root = records.job_dir(model) / "adapters"
+        # Downloaded first: the server's --max-lora-rank must hold every adapter that is going to be served.
+        aliased = aliased_versions(registry, model, job.serving.aliases)
+        demand = job_demand(job, [download_version(v, adapters_root, uri) for v in aliased.values()])
+        spec = server_spec(job)
+        placed = place_job(job, spec, demand, aliased, registry, device_slot)
+        records.save_job(JobRecord(model=model, job=job.name, config=config, overrides=dict(overrides or {}),
+                                   server=spec.server_id, demand=asdict(demand), notes=placed.notes))
+        key = api_key(job.serving)
+        report = reconcile(job, EndpointClient(endpoint.url, key), placed.server, registry, uri, adapters_root, key,
+                           promoted_at=promoted_at)
+        if previous is not None and previous.server != spec.server_id:
+            detach_from(previous.server, model, key)  # its settings changed: the old server no longer serves it
+        return endpoint, report
+
+
+def stop_job(job: JobConfig) -> list[str]:
+    """`loraflow serve CONFIG --stop`: the job's names leave the endpoint, its adapters leave its server, and it
+    stays off until a finetune run or `loraflow serve` serves it again. A server left with no job stops, and the
+    endpoint stops with the last server. Returns what was done, one line each."""
+    model = job.registry.model_name
+    with file_lock(records.job_lock(model)):
+        record = records.read_job(model)
+        if record is None or record.stopped:
+            return []
+        key = api_key(job.serving)
+        done = detach_from(record.server, model, key, drop_entry=True)
+        records.save_job(JobRecord(**{**asdict(record), "stopped": True}))
+    return done

@@ -1,16 +1,22 @@
-"""Make vLLM serve exactly what the registry's aliases say (docs/serving.md).
+"""Make one job's serving match what the registry's aliases say (docs/serving.md), on its base server and in its
+own entry of the endpoint's table; other jobs' entries and adapters are never touched.
 
-Each run: read the aliases; load every aliased version not loaded yet under its immutable versioned name
-and put it through the canary; point the stable name at the champion only when its canary passed (else the
-previous champion keeps serving); unload loaded versions that neither an alias nor the stable name points to,
-after their in-flight requests have drained. Versions whose canary failed are
-unloaded at once. Idempotent: a run with nothing changed calls no adapter endpoint.
+Each pass: read the aliases; load every aliased version not loaded yet under its immutable versioned name and put
+it through the canary; point the stable name at the champion only when its canary passed (else the previous
+champion keeps serving); take versions that neither an alias nor the stable name points to out of the job's entry,
+then unload them once their in-flight requests drained. Idempotent: a pass with nothing changed calls no adapter
+endpoint and leaves the entry as it is.
+
+A pass never waits for a drain: a version with requests still open (a long stream, a parity check still scoring
+the previous champion) is unloaded by a thread once they finish, under the job's lock and only if no pass has
+made it wanted again meanwhile; a process that ends first leaves it to the next pass. (Waiting here held every pass
+for as long as the previous champion's parity check ran, ~60 s: the promotion after it waited that long.)
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -19,14 +25,14 @@ from mlflow.entities.model_registry import ModelVersion
 from pydantic import BaseModel, ConfigDict
 
 from loraflow.config.job import JobConfig
-from loraflow.registry.client import client_at
+from loraflow.process import file_lock
 from loraflow.registry.download import download_version
 from loraflow.serving.canary import CanaryVerdict, run_canary
-from loraflow.serving.client import AdapterLoadError, ServingClient
+from loraflow.serving.client import AdapterLoadError, EndpointClient, ServerClient
 from loraflow.serving.names import version_of, versioned_name
-from loraflow.serving.records import Endpoint
+from loraflow.serving.records import ServerRecord, job_lock
 from loraflow.serving.registry_view import aliased_versions, failed_before, record_canary
-from loraflow.serving.vllm_server import adapter_rank
+from loraflow.serving.server_spec import adapter_rank
 
 log = logging.getLogger(__name__)
 
@@ -42,37 +48,32 @@ class CanaryRecord(BaseModel):
 class ReconcileReport(BaseModel):
     model_config = ConfigDict(frozen=True)
 
+    server: str  # the base server the job's adapters live on
     routes: dict[str, str]  # stable name -> versioned name it answers with
     rerouted: bool  # this pass pointed the stable name elsewhere (a new champion answers, or none)
-    loaded: list[str]  # versioned names vLLM serves after this run
+    loaded: list[str]  # versioned names of the job on its server after this pass (draining ones included)
     unloaded: list[str]
     canaries: list[CanaryRecord]
     skipped: list[str]  # aliased versions not served (canary failed now or before)
 
 
-def reconcile(
-    job: JobConfig,
-    endpoint: Endpoint,
-    tracking_uri: str,
-    api_key: str | None,
-    adapters_root: Path,
-    drain_timeout_s: float = 120,
-    promoted_at: datetime | None = None,
-) -> ReconcileReport:
+def reconcile(job: JobConfig, endpoint: EndpointClient, server: ServerRecord, registry: MlflowClient,
+              tracking_uri: str, adapters_root: Path, api_key: str | None, drain_timeout_s: float = 120,
+              promoted_at: datetime | None = None) -> ReconcileReport:
     model = job.registry.model_name
-    registry = client_at(tracking_uri)
-    serving = endpoint.client(api_key)
-    served = {n: root for n, root in serving.served_models().items() if version_of(model, n) is not None}
+    vllm = ServerClient(server.url, api_key)
+    served = {n: root for n, root in vllm.served_models().items() if version_of(model, n) is not None}
     # Names are unique only inside one registry: a name loaded from any other files than this registry's version
     # (another LORAFLOW_HOME's adapter, a stale copy) is not ours. Unload it; the loop below loads ours and runs
     # the canary on what will answer.
     foreign = sorted(n for n, root in served.items()
                      if not _same_path(root, adapters_root / f"v{version_of(model, n)}"))
     for name in foreign:
-        serving.unload_adapter(name)
+        vllm.unload_adapter(name)
         log.warning("%s was loaded from %s, not from this registry's version: unloaded", name, served[name])
     loaded = set(served) - set(foreign)
-    current = serving.routes()["routes"].get(model)
+    entry = endpoint.job(model) or {}
+    current = entry.get("stable") if entry.get("server") == server.server_id else None
 
     aliased = aliased_versions(registry, model, job.serving.aliases)
     candidates = list(aliased.values())
@@ -92,7 +93,7 @@ def reconcile(
         if failed_before(version, promoted_at):
             skipped.append(name)
             continue
-        verdict = _load_and_check(job, endpoint, serving, registry, version, tracking_uri, adapters_root)
+        verdict = _load_and_check(job, server, vllm, registry, version, tracking_uri, adapters_root)
         canaries.append(CanaryRecord(version=str(version.version), passed=verdict.passed, reason=verdict.reason))
         if verdict.passed:
             ready.add(name)
@@ -100,12 +101,19 @@ def reconcile(
         else:
             skipped.append(name)
 
-    routes = _route_stable_name(serving, model, aliased.get("champion"), ready, current)
-    keep = {versioned_name(model, v.version) for v in aliased.values()} | set(routes.values())
-    unloaded = _unload_unused(serving, loaded - keep, drain_timeout_s)
+    target = _stable_target(model, aliased.get("champion"), ready, current)
+    keep = {versioned_name(model, v.version) for v in aliased.values()} | ({target} if target else set())
+    answering = sorted(ready & keep)
+    if entry != {"server": server.server_id, "stable": target, "versions": answering}:
+        # One swap of this job's entry: new requests see it; those already sent finish on what they named.
+        endpoint.set_job(model, server.server_id, target, answering)
+        if target != current:
+            log.info("stable name %s -> %s (was %s)", model, target, current)
+    unloaded = _unload_drained(vllm, endpoint, model, loaded - keep, drain_timeout_s)
     return ReconcileReport(
-        routes=routes,
-        rerouted=routes.get(model) != current,
+        server=server.server_id,
+        routes={model: target} if target else {},
+        rerouted=target != current,
         loaded=sorted(loaded - set(unloaded)),
         unloaded=sorted({*unloaded, *foreign}),
         canaries=canaries,
@@ -117,67 +125,62 @@ def _same_path(root: str, expected: Path) -> bool:
     return bool(root) and Path(root).resolve() == expected.resolve()
 
 
-def _load_and_check(
-    job: JobConfig,
-    endpoint: Endpoint,
-    serving: ServingClient,
-    registry: MlflowClient,
-    version: ModelVersion,
-    tracking_uri: str,
-    adapters_root: Path,
-) -> CanaryVerdict:
+def _load_and_check(job: JobConfig, server: ServerRecord, vllm: ServerClient, registry: MlflowClient,
+                    version: ModelVersion, tracking_uri: str, adapters_root: Path) -> CanaryVerdict:
     """Load the version under its versioned name and run the canary; a failing version is unloaded again."""
     name = versioned_name(job.registry.model_name, version.version)
     adapter_dir = download_version(version, adapters_root, tracking_uri)
     rank = adapter_rank(adapter_dir)
-    if rank > endpoint.max_lora_rank:
-        verdict = CanaryVerdict(
-            False,
-            f"adapter rank {rank} > server --max-lora-rank {endpoint.max_lora_rank} "
-            "(restart serving with a larger serving.max_lora_rank)",
-        )
+    if rank > server.max_lora_rank:
+        verdict = CanaryVerdict(False, f"adapter rank {rank} > server {server.server_id} --max-lora-rank "
+                                f"{server.max_lora_rank} (its next serving pass grows the server)")
     else:
         try:
-            serving.load_adapter(name, str(adapter_dir))
+            vllm.load_adapter(name, str(adapter_dir))
         except AdapterLoadError as error:
             verdict = CanaryVerdict(False, str(error))
         else:
-            verdict = run_canary(
-                serving,
-                name,
-                adapter_dir,
-                endpoint.base_name,
-                version.tags.get("template_sha"),
-                endpoint.template_sha,
-                job.serving.canary,
-            )
+            verdict = run_canary(vllm, name, adapter_dir, server.server_id, version.tags.get("template_sha"),
+                                 server.template_sha, job.serving.canary)
             if not verdict.passed:
-                serving.unload_adapter(name)
+                vllm.unload_adapter(name)
     log.info("canary %s: %s (%s)", name, "passed" if verdict.passed else "FAILED", verdict.reason)
     record_canary(registry, version, verdict)
     return verdict
 
 
-def _route_stable_name(
-    serving: ServingClient, model: str, champion: ModelVersion | None, ready: set[str], current: str | None
-) -> dict[str, str]:
+def _stable_target(model: str, champion: ModelVersion | None, ready: set[str], current: str | None) -> str | None:
     target = versioned_name(model, champion.version) if champion is not None else None
-    if target not in ready:
-        # No champion, or its canary failed: the previous champion keeps serving if it still can.
-        target = current if current in ready else None
-    routes = {model: target} if target is not None else {}
-    if target != current:
-        serving.set_routes(routes)
-        log.info("stable name %s -> %s (was %s)", model, target, current)
-    return routes
+    if target in ready:
+        return target
+    # No champion, or its canary failed: the previous champion keeps serving if it still can.
+    return current if current in ready else None
 
 
-def _unload_unused(serving: ServingClient, names: set[str], drain_timeout_s: float) -> list[str]:
-    """Unload once the router reports no open request for a name (vLLM fails requests of an unloaded one)."""
-    deadline = time.monotonic() + drain_timeout_s
-    for name in sorted(names):
-        while serving.routes()["inflight"].get(name, 0) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        serving.unload_adapter(name)
+def _unload_drained(vllm: ServerClient, endpoint: EndpointClient, model: str, names: set[str],
+                    drain_timeout_s: float) -> list[str]:
+    """Unload now what has no open request (it is out of the job's entry already, so none can start); leave the
+    others to a thread that unloads each once drained. Returns the names unloaded now."""
+    inflight = endpoint.routes()["inflight"] if names else {}
+    now = sorted(name for name in names if not inflight.get(name))
+    for name in now:
+        vllm.unload_adapter(name)
         log.info("unloaded %s", name)
-    return sorted(names)
+    for name in sorted(names - set(now)):
+        log.info("%s: unloaded once its %d open request(s) finish", name, inflight[name])
+        threading.Thread(target=_unload_when_drained, args=(vllm, endpoint, model, name, drain_timeout_s),
+                         name=f"drain-{name}", daemon=True).start()
+    return now
+
+
+def _unload_when_drained(vllm: ServerClient, endpoint: EndpointClient, model: str, name: str,
+                         drain_timeout_s: float) -> None:
+    try:
+        endpoint.wait_drained(name, drain_timeout_s)
+        with file_lock(job_lock(model)):
+            entry = endpoint.job(model) or {}
+            if name not in entry.get("versions", []):  # a pass since may have made it wanted again
+                vllm.unload_adapter(name)
+                log.info("unloaded %s (drained)", name)
+    except Exception:  # the server or endpoint gone meanwhile: the next pass unloads what is left
+        log.warning("%s: not unloaded after its drain; the next pass will", name, exc_info=True)

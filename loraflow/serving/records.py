@@ -1,134 +1,195 @@
-"""What a job's serving servers were started with (`serving/<model>/stack.json` under LORAFLOW_HOME), so a later
-reconcile can attach to them and `loraflow down` can stop them; and every loraflow server on this machine, with
-the LORAFLOW_HOME that owns it. Light on purpose: no torch, so `down` and `status` stay fast.
+"""What serving runs under LORAFLOW_HOME/serving/, recorded so a later pass attaches to it, `loraflow down` stops
+exactly it and `loraflow status` shows it: the stack's one endpoint (`endpoint/endpoint.json`), each base server
+(`servers/<id>/server.json`: its vLLM, spec and capacity) and each served job (`jobs/<model>/job.json`: its config
+and server). Light on purpose (no torch), so `down` and `status` stay fast.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from loraflow import paths
 from loraflow.process import is_healthy, read_record, recorded, stop_record, write_record
-from loraflow.serving.client import ServingClient
-from loraflow.serving.names import version_of
+from loraflow.serving.client import EndpointClient
 
-STACK_FILE = "stack.json"
-# How a server of ours shows in `ps`: vLLM's OpenAI server module, or our router module.
-SERVER_MODULES = {"vllm.entrypoints.openai.api_server": "vllm", "loraflow.serving.router": "router"}
+ENDPOINT_FILE, SERVER_FILE, JOB_FILE = "endpoint.json", "server.json", "job.json"
+# How a server of ours shows in `ps`: vLLM's OpenAI server module, or the endpoint's module.
+SERVER_MODULES = {"vllm.entrypoints.openai.api_server": "vllm", "loraflow.serving.endpoint": "endpoint"}
 
 
 @dataclass(frozen=True)
-class Endpoint:
-    """A running serving stack as the reconciler sees it."""
+class EndpointRecord:
+    """The stack's public OpenAI endpoint (loraflow/serving/endpoint.py) and what every job served there shares."""
 
-    vllm_url: str
-    router_url: str
-    base_name: str
+    url: str  # how this machine reaches it
+    host: str
+    port: int
+    api_key_env: str
+    process: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """One base's vLLM: private, on 127.0.0.1, serving the adapters of every job that shares it."""
+
+    server_id: str  # also the base's model name on it
+    url: str
+    port: int
     template_sha: str
-    max_lora_rank: int
+    spec: dict[str, Any]
+    capacity: dict[str, int]  # max_lora_rank, max_loras
+    process: dict[str, Any]  # the vLLM process: argv, env (without the key), log, startup_timeout_s
+    restart: str | None = None  # why a restart with the recorded command was asked for (the supervisor does it)
 
-    def client(self, key: str | None) -> ServingClient:
-        return ServingClient(vllm_url=self.vllm_url, router_url=self.router_url, api_key=key)
+    @property
+    def max_lora_rank(self) -> int:
+        return int(self.capacity["max_lora_rank"])
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job served on this stack: how to load its config again (the endpoint's reconciler reads it) and where its
+    adapters live. `stopped`: `loraflow serve CONFIG --stop` took it off on purpose; nothing serves it again until a
+    finetune run or `loraflow serve` does."""
+
+    model: str
+    job: str
+    config: str
+    overrides: dict[str, Any]
+    server: str
+    demand: dict[str, int]  # max_lora_rank, max_loras: what its versions need of the server
+    stopped: bool = False
+    notes: list[str] = field(default_factory=list)  # why it does not share another job's server, if it does not
+
+
+def serving_dir(home: Path | None = None) -> Path:
+    return (home / "serving") if home is not None else paths.sub("serving")
+
+
+def endpoint_dir(home: Path | None = None) -> Path:
+    return serving_dir(home) / "endpoint"
+
+
+def server_dir(server_id: str) -> Path:
+    return paths.sub("serving", "servers", server_id)
+
+
+def job_dir(model: str) -> Path:
+    return paths.sub("serving", "jobs", model)
+
+
+def job_lock(model: str) -> Path:
+    """The lock a job's passes (and its deferred unloads) hold: one at a time, across processes."""
+    return job_dir(model) / ".lock"
+
+
+def read_endpoint(home: Path | None = None) -> EndpointRecord | None:
+    record = read_record(endpoint_dir(home) / ENDPOINT_FILE)
+    return EndpointRecord(**record) if record else None
+
+
+def running_endpoint() -> EndpointRecord | None:
+    """The recorded endpoint when its very process is alive and answers."""
+    record = read_endpoint()
+    if record is None or recorded(record.process) is None:
+        return None
+    return record if is_healthy(f"{record.url}/loraflow/health") else None
+
+
+def save_endpoint(record: EndpointRecord) -> None:
+    write_record(endpoint_dir() / ENDPOINT_FILE, asdict(record))
+
+
+def read_server(server_id: str, home: Path | None = None) -> ServerRecord | None:
+    record = read_record(serving_dir(home) / "servers" / server_id / SERVER_FILE)
+    return ServerRecord(**record) if record else None
+
+
+def server_records(home: Path | None = None) -> list[ServerRecord]:
+    return [ServerRecord(**json.loads(file.read_text()))
+            for file in sorted((serving_dir(home) / "servers").glob(f"*/{SERVER_FILE}"))]
+
+
+def server_alive(server: ServerRecord) -> bool:
+    return recorded(server.process) is not None
+
+
+def save_server(record: ServerRecord) -> None:
+    write_record(server_dir(record.server_id) / SERVER_FILE, asdict(record))
+
+
+def read_job(model: str, home: Path | None = None) -> JobRecord | None:
+    record = read_record(serving_dir(home) / "jobs" / model / JOB_FILE)
+    return JobRecord(**record) if record else None
+
+
+def job_records(home: Path | None = None) -> list[JobRecord]:
+    return [JobRecord(**json.loads(file.read_text()))
+            for file in sorted((serving_dir(home) / "jobs").glob(f"*/{JOB_FILE}"))]
+
+
+def save_job(record: JobRecord) -> None:
+    write_record(job_dir(record.model) / JOB_FILE, asdict(record))
+
+
+def stop_server_record(server_id: str, home: Path | None = None) -> list[int]:
+    """Forget a server, then stop its vLLM (the record goes first: the endpoint's supervisor must see "stopped on
+    purpose", not "crashed, restart")."""
+    file = serving_dir(home) / "servers" / server_id / SERVER_FILE
+    record = read_record(file)
+    file.unlink(missing_ok=True)
+    return stop_record((record or {}).get("process"))
+
+
+def stop_all_serving(home: Path) -> list[int]:
+    """`loraflow down`: the endpoint first (clients get refused, not 503s for servers that will not come back; its
+    supervisor stops with it), then every base server. Job records stay: the next serve picks them up."""
+    file = endpoint_dir(home) / ENDPOINT_FILE
+    endpoint = read_record(file)
+    file.unlink(missing_ok=True)
+    stopped = stop_record((endpoint or {}).get("process"))
+    for server in server_records(home):
+        stopped += stop_server_record(server.server_id, home)
+    return stopped
 
 
 @dataclass(frozen=True)
 class ServedNow:
-    """What a job's running servers serve at this moment."""
+    """What the endpoint serves of a job at this moment."""
 
-    router_url: str
-    loaded: frozenset[str]  # the model's versioned names vLLM serves
+    endpoint_url: str
+    loaded: frozenset[str]  # the job's versioned names it answers
     routed: str | None  # the versioned name the stable name answers with
+
+
+def served_now(model: str, key: str | None) -> ServedNow | None:
+    """Asked of the running endpoint itself (not of a reconcile report that may be stale by now); None when it does
+    not run or does not serve the job."""
+    endpoint = running_endpoint()
+    if endpoint is None:
+        return None
+    entry = EndpointClient(endpoint.url, key).job(model)
+    if entry is None:
+        return None
+    return ServedNow(endpoint.url, frozenset(entry["versions"]), entry["stable"])
 
 
 @dataclass(frozen=True)
 class RunningServer:
-    name: str  # vllm | router
+    name: str  # vllm | endpoint
     pid: int
     port: int | None
     owner: str  # the LORAFLOW_HOME it runs for
 
 
-def state_dir(model_name: str) -> Path:
-    return paths.sub("serving", model_name)
-
-
-def save(directory: Path, endpoint: Endpoint, processes: dict[str, dict], ports: dict[str, int]) -> None:
-    write_record(directory / STACK_FILE, {"endpoint": asdict(endpoint), "processes": processes, "ports": ports})
-
-
-def recorded_ports(model_name: str) -> dict[str, int]:
-    """`serving.port` / `serving.vllm_port` the job's servers were last started on (a restart after a crash comes
-    back where clients and the reconciler expect it), or {} when nothing is recorded."""
-    file = state_dir(model_name) / STACK_FILE
-    return dict(json.loads(file.read_text()).get("ports", {})) if file.is_file() else {}
-
-
-def running_endpoint(model_name: str) -> Endpoint | None:
-    """The endpoint of this job's servers when they are up *and* are the processes recorded here."""
-    file = state_dir(model_name) / STACK_FILE
-    if not file.is_file():
-        return None
-    record = json.loads(file.read_text())
-    if any(recorded(r) is None for r in record.get("processes", {}).values()):
-        return None
-    endpoint = Endpoint(**record["endpoint"])
-    return endpoint if is_healthy(f"{endpoint.router_url}/health") else None
-
-
-def served_now(model_name: str, key: str | None) -> ServedNow | None:
-    """Asked of the job's servers themselves (not of a reconcile report that may be stale by now); None when they
-    do not run."""
-    endpoint = running_endpoint(model_name)
-    if endpoint is None:
-        return None
-    serving = endpoint.client(key)
-    loaded = frozenset(name for name in serving.served_models() if version_of(model_name, name) is not None)
-    return ServedNow(endpoint.router_url, loaded, serving.routes()["routes"].get(model_name))
-
-
-def recovered_endpoint(model_name: str, timeout_s: float) -> Endpoint | None:
-    """While the recorded router lives, its supervisor restarts a dead vLLM (serving/supervisor.py): wait for the
-    pair to answer again. None when the router is gone too, serving was stopped, or vLLM is not back in time."""
-    file = state_dir(model_name) / STACK_FILE
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        record = read_record(file)
-        if record is None or recorded(record.get("processes", {}).get("router")) is None:
-            return None
-        if (endpoint := running_endpoint(model_name)) is not None:
-            return endpoint
-        time.sleep(1)
-    return None
-
-
-def stop_recorded(file: Path) -> list[int]:
-    """Stop the servers a stack.json records (router first: clients get refused, not 503s for a vLLM that will
-    not come back; its supervisor stops with it); then forget them."""
-    if not file.is_file():
-        return []
-    processes = json.loads(file.read_text()).get("processes", {})
-    # The record goes first: a reconcile running meanwhile must see "stopped on purpose", not "crashed, restart".
-    file.unlink(missing_ok=True)
-    return [pid for name in ("router", "vllm") for pid in stop_record(processes.get(name))]
-
-
-def stop_job_servers(model_name: str) -> list[int]:
-    return stop_recorded(state_dir(model_name) / STACK_FILE)
-
-
-def stop_all_servers(home: Path) -> list[int]:
-    """Stop every serving stack recorded under `home` (what `loraflow down` needs)."""
-    return [pid for file in sorted((home / "serving").glob(f"*/{STACK_FILE}")) for pid in stop_recorded(file)]
-
-
 def running_servers(home: Path | None = None) -> list[RunningServer]:
-    """Every vLLM or router process of loraflow on this machine, whichever LORAFLOW_HOME started it."""
+    """Every vLLM or endpoint process of loraflow on this machine, whichever LORAFLOW_HOME started it."""
     found = []
     for process in psutil.process_iter(["pid", "cmdline"]):
         cmdline = process.info["cmdline"] or []

@@ -1,127 +1,100 @@
-"""The serving servers of one job: vLLM plus the stable-name router in front of it.
-
-Started attached (tests, bench: stopped by the caller) or detached (`loraflow demo`, the `serve` deployment: the
-processes outlive the flow run; `loraflow serve CONFIG --stop` or `loraflow down` stops them). `stack.json`
-records what they were started with (serving/records.py) so a later reconcile can attach to them.
-"""
+"""The processes of serving: the stack's one endpoint, and one vLLM per base server. Both are started detached in
+their own process group and recorded (serving/records.py), so they outlive the run that started them; `loraflow
+serve CONFIG --stop` takes a job off, `loraflow down` stops them all."""
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
+import time
+from dataclasses import asdict, replace
 
 from loraflow.base.load import resolve_base
-from loraflow.base.revision import resolve_model_revision
 from loraflow.config.job import JobConfig
-from loraflow.hashing import sha_of_text
-from loraflow.process import ManagedProcess, ProcessFailed, port_holder, port_in_use
+from loraflow.config.serving import ServingConfig
+from loraflow.process import ManagedProcess, ProcessFailed, free_port, port_holder, port_in_use, recorded
 from loraflow.serving import records
-from loraflow.serving.names import base_name
-from loraflow.serving.records import Endpoint
-from loraflow.serving.urls import VLLM_HOST, router_url, vllm_url
-from loraflow.serving.vllm_server import VllmLaunch, adapter_rank, vllm_lora_rank, vllm_process, vllm_settings
+from loraflow.serving.records import EndpointRecord, ServerRecord
+from loraflow.serving.server_spec import Capacity, ServerSpec
+from loraflow.serving.urls import PORT_ENV, endpoint_address, endpoint_url
+from loraflow.serving.vllm_server import VllmLaunch, api_key, vllm_command, vllm_process, vllm_settings
 from loraflow.templates import load_template
 from loraflow.training.device import require_free_gpu_memory
-from loraflow.training.models import device_for, dtype_for
+
+ENDPOINT_START_S = 60
 
 
-@dataclass
-class ServingStack:
-    endpoint: Endpoint
-    vllm: ManagedProcess
-    router: ManagedProcess
-    directory: Path
-
-    def stop(self) -> None:
-        """The one way a serving pair is stopped (`loraflow down` takes it too): record first, router, then vLLM."""
-        records.stop_recorded(self.directory / records.STACK_FILE)
-
-
-def served_dtype(job: JobConfig) -> str:
-    """`auto` is the model's dtype on its device: fp32 on CPU (greedy output then equals transformers token for
-    token), bf16 on a GPU that has it, fp16 on one that has not."""
-    if job.serving.dtype != "auto":
-        return job.serving.dtype
-    return str(dtype_for(job.model.dtype, device_for(job.model))).removeprefix("torch.")
-
-
-def max_lora_rank(job: JobConfig, adapter_dirs: list[str | Path]) -> int:
-    if job.serving.max_lora_rank is not None:
-        return vllm_lora_rank([job.serving.max_lora_rank])
-    return vllm_lora_rank([job.lora.r, *(adapter_rank(d) for d in adapter_dirs)])
+def start_endpoint(serving: ServingConfig) -> EndpointRecord:
+    """Start the stack's endpoint where the job's settings (or the stack's environment) say; raises ProcessFailed
+    naming the field to change when the port is taken."""
+    host, port = endpoint_address(serving)
+    if port_in_use(host, port):
+        raise ProcessFailed(f"port {port} (serving.port, or {PORT_ENV} for the stack) is taken by "
+                            f"{port_holder(port)}; stop it (`loraflow status` lists loraflow's servers) or choose "
+                            f"another port")
+    directory = records.endpoint_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    url = endpoint_url(host, port)
+    command = [sys.executable, "-m", "loraflow.serving.endpoint", "--servers-dir",
+               str(records.serving_dir() / "servers"), "--host", host, "--port", str(port), "--routes-file",
+               str(directory / "routes.json"), "--api-key-env", serving.api_key_env]
+    process = ManagedProcess("endpoint", command, dict(os.environ), directory / "endpoint.log",
+                             f"{url}/loraflow/health").start()
+    process.wait_healthy(ENDPOINT_START_S)
+    record = EndpointRecord(url=url, host=host, port=port, api_key_env=serving.api_key_env,
+                            process=process.record())
+    records.save_endpoint(record)
+    return record
 
 
-def start_stack(job: JobConfig, adapter_dirs: list[str | Path] = ()) -> ServingStack:
-    """Start vLLM, wait for it, then the router; raises ProcessFailed (with the log tail) if either fails."""
-    serving = job.serving
-    for port, field in ((serving.vllm_port, "serving.vllm_port"), (serving.port, "serving.port")):
-        if port_in_use(serving.host if field == "serving.port" else VLLM_HOST, port):
-            raise ProcessFailed(f"port {port} ({field}) is taken by {port_holder(port)}; stop it (`loraflow status` "
-                                f"lists loraflow's servers) or choose another port with --set {field}=...")
-    directory = records.state_dir(job.registry.model_name)
-    template = load_template(job.model.chat_template)
+def _launch(job: JobConfig, spec: ServerSpec, capacity: Capacity, port: int) -> VllmLaunch:
+    directory = records.server_dir(spec.server_id)
     template_file = directory / "chat_template.jinja"
-    template_file.write_text(template, encoding="utf-8")
-    launch = VllmLaunch(
-        base=resolve_base(job.model),
-        revision=resolve_model_revision(job.model),  # the commit, never a branch that may have moved
-        served_base_name=base_name(job.registry.model_name),
-        chat_template=template_file,
-        dtype=served_dtype(job),
-        max_lora_rank=max_lora_rank(job, list(adapter_dirs)),
-    )
-    if device_for(job.model) == "cuda":
+    template_file.write_text(load_template(job.model.chat_template), encoding="utf-8")
+    return VllmLaunch(spec=spec, capacity=capacity, model_path=resolve_base(job.model), served_name=spec.server_id,
+                      port=port, chat_template=template_file)
+
+
+def start_server(job: JobConfig, spec: ServerSpec, capacity: Capacity) -> ServerRecord:
+    """Start the base's vLLM on a free private port and wait until it answers; raises ProcessFailed (with the log
+    tail) if it does not."""
+    directory = records.server_dir(spec.server_id)
+    launch = _launch(job, spec, capacity, free_port())
+    if spec.device == "cuda":
         # vLLM fails after loading for minutes when the GPU lacks `utilization x total` free; say so at once.
-        require_free_gpu_memory(serving.gpu_memory_utilization,
-                                serving.tensor_parallel_size * serving.pipeline_parallel_size,
+        require_free_gpu_memory(spec.gpu_memory_utilization, spec.tensor_parallel_size * spec.pipeline_parallel_size,
                                 "serving.gpu_memory_utilization")
-    vllm = vllm_process(serving, launch, directory).start()
-    try:
-        vllm.wait_healthy(serving.startup_timeout_s)
-        router = router_process(job, directory).start()
-        router.wait_healthy(60)
-    except BaseException:
-        vllm.stop()
-        raise
-    endpoint = Endpoint(
-        vllm_url=vllm_url(serving),
-        router_url=router_url(serving),
-        base_name=launch.served_base_name,
-        template_sha=sha_of_text(template),
-        max_lora_rank=launch.max_lora_rank,
-    )
-    # What the router's supervisor restarts a dead vLLM with (the key comes from the router's own environment).
-    vllm_record = vllm.record(env=vllm_settings(serving, directory), startup_timeout_s=serving.startup_timeout_s)
-    records.save(directory, endpoint, {"vllm": vllm_record, "router": router.record()},
-                 {"port": serving.port, "vllm_port": serving.vllm_port})
-    return ServingStack(endpoint=endpoint, vllm=vllm, router=router, directory=directory)
+    vllm = vllm_process(launch, directory, api_key(job.serving)).start()
+    vllm.wait_healthy(job.serving.startup_timeout_s)
+    record = ServerRecord(
+        server_id=spec.server_id, url=launch.url, port=launch.port, template_sha=spec.chat_template_sha,
+        spec=asdict(spec), capacity=asdict(capacity),
+        # What the endpoint's supervisor restarts a dead vLLM with (the key comes from its own environment).
+        process=vllm.record(env=vllm_settings(spec, directory), startup_timeout_s=job.serving.startup_timeout_s))
+    records.save_server(record)
+    return record
 
 
-def router_process(job: JobConfig, directory: Path) -> ManagedProcess:
-    serving = job.serving
-    command = [
-        sys.executable,
-        "-m",
-        "loraflow.serving.router",
-        "--upstream",
-        vllm_url(serving),
-        "--host",
-        serving.host,
-        "--port",
-        str(serving.port),
-        "--routes-file",
-        str(directory / "routes.json"),
-        "--api-key-env",
-        serving.api_key_env,
-        "--supervise",
-        str(directory / records.STACK_FILE),
-    ]
-    return ManagedProcess(
-        name="router",
-        command=command,
-        env=dict(os.environ),
-        log_file=directory / "router.log",
-        health_url=f"{router_url(serving)}/health",
-    )
+def grow_server(job: JobConfig, server: ServerRecord, spec: ServerSpec, capacity: Capacity,
+                reason: str) -> ServerRecord:
+    """Restart a running server with more capacity: its record takes the new command and the reason; the endpoint's
+    supervisor drains it (its names answer 503 + Retry-After, open requests finish), restarts it from the record and
+    reloads every adapter it had. Returns the record once the new process answers."""
+    command = vllm_command(_launch(job, spec, capacity, server.port))
+    grown = replace(server, capacity=asdict(capacity), process={**server.process, "argv": command}, restart=reason)
+    records.save_server(grown)
+    return wait_restarted(grown, job.serving.startup_timeout_s + 240)
+
+
+def wait_restarted(server: ServerRecord, timeout_s: float) -> ServerRecord:
+    """The record once the endpoint's supervisor has a new, live vLLM in it with its adapters back."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = records.read_server(server.server_id)
+        if now is None:
+            raise ProcessFailed(f"base server {server.server_id} was stopped while it restarted")
+        if now.process["pid"] != server.process["pid"] and recorded(now.process) is not None:
+            return now
+        time.sleep(1)
+    raise ProcessFailed(f"base server {server.server_id} did not come back within {timeout_s:.0f} s; see "
+                        f"{server.process['log']}")

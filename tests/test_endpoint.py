@@ -1,139 +1,35 @@
-"""The router as a faithful pass-through: fast tests against a fake upstream that is a real HTTP server (a
-Starlette app under uvicorn, as vLLM is). Against a real vLLM: tests/test_router_vllm.py."""
+"""The endpoint as a faithful pass-through: fast tests against a fake upstream that is a real HTTP server (a
+Starlette app under uvicorn, as vLLM is), recorded as a base server the way serving records it. Several servers and
+jobs behind it: tests/test_endpoint_jobs.py; against real vLLMs: tests/test_endpoint_vllm.py, test_serving.py."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import http.client
 import json
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
-import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
 
+from loraflow.serving.endpoint import MODEL_REQUIRED
 from loraflow.serving.rewrite import forward_headers
-from loraflow.serving.router import METHODS, MODEL_REQUIRED, ROUTES_PATH, create_app
 from tests.fixtures import free_port
+from tests.fixtures.fake_vllm import (
+    METRICS_TYPE,
+    ROUTES_PATH,
+    SERVER,
+    Upstream,
+    inflight,
+    one_server,
+    raw_request,
+)
 
-KEY = "router-test-key"
-ROUTES = {"tiny": "tiny-v3"}
-METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """`app` under a real uvicorn (httptools, as in production) on a free port, in a thread."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-class Upstream:
-    """What the router relies on from vLLM: paths, methods, bodies, headers, query strings, SSE, status codes.
-    Records every request it gets; `release` lets a held stream finish."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict[str, Any]] = []
-        self.release = threading.Event()
-        self.url = ""
-        self.app = Starlette(routes=[
-            Route("/metrics", lambda _r: PlainTextResponse("# TYPE vllm:x counter\nvllm:x 1\n",
-                                                           headers={"content-type": METRICS_TYPE})),
-            Route("/v1/models", self.models),
-            Route("/stream", self.stream, methods=["POST"]),
-            Route("/{path:path}", self.echo, methods=METHODS),
-        ])
-
-    async def record(self, request: Request) -> dict[str, Any]:
-        seen = {"method": request.method, "raw_path": request.scope["raw_path"].decode(),
-                "query": request.scope["query_string"].decode(),
-                "headers": {k.decode(): v.decode() for k, v in request.headers.raw},
-                "body": (await request.body()).decode("latin-1")}
-        self.seen.append(seen)
-        return seen
-
-    async def echo(self, request: Request) -> Response:
-        seen = await self.record(request)
-        return JSONResponse(seen, status_code=int(request.query_params.get("status", 200)),
-                            headers={"x-upstream": "echo"})
-
-    async def models(self, request: Request) -> Response:
-        await self.record(request)
-        return JSONResponse({"object": "list", "data": [{"id": "base", "root": "/m"}, {"id": "tiny-v3", "root": "/a"}]})
-
-    async def stream(self, request: Request) -> Response:
-        await self.record(request)
-
-        async def events() -> AsyncIterator[bytes]:
-            yield b'data: {"n": 1}\n\n'
-            while not self.release.is_set():
-                await asyncio.sleep(0.01)
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", status_code=201)
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    started = Upstream()
-    with serve(started.app) as started.url:
-        yield started
-        started.release.set()
-
-
-@pytest.fixture
-def fake(upstream: Upstream) -> Upstream:
-    upstream.seen.clear()
-    upstream.release.clear()
-    return upstream
-
-
-@contextmanager
-def router(upstream_url: str, tmp_path: Path, key: str | None = None) -> Iterator[str]:
-    routes_file = tmp_path / "routes.json"
-    routes_file.write_text(json.dumps(ROUTES))
-    with serve(create_app(upstream_url, key, routes_file)) as url:
-        yield url
-
-
-def raw_request(url: str, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, Any]:
-    """http.client sends what httpx refuses to (`Authorization: Bearer `, trailing spaces), as lm-eval does."""
-    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
-    conn.request(method, path, body=body, headers=headers)
-    with conn.getresponse() as reply, contextlib.closing(conn):
-        return reply.status, json.loads(reply.read())
-
-
-def inflight(url: str) -> dict[str, int]:
-    return httpx.get(f"{url}{ROUTES_PATH}", timeout=10).json()["inflight"]
+KEY = "endpoint-test-key"
 
 
 def test_empty_or_malformed_authorization_is_dropped_without_key(fake: Upstream, tmp_path: Path) -> None:
     # The guarantee: nothing reaches vLLM that h11 would refuse, and `Authorization` without a token is dropped.
     # Whether the server library strips `space ` to `space` first (uvicorn 0.55 / h11 0.16 do) is not ours to pin.
-    with router(fake.url, tmp_path) as url:
+    with one_server(fake.url, tmp_path) as url:
         for value in ("Bearer ", "Bearer", "", "Basic  ", "bearer\t"):
             body = json.dumps({"model": "tiny", "prompt": "x"}).encode()
             headers = {"Authorization": value, "Content-Type": "application/json", "X-Trailing": "space "}
@@ -148,7 +44,7 @@ def test_empty_or_malformed_authorization_is_dropped_without_key(fake: Upstream,
 
 
 def test_headers_that_h11_refuses_are_not_forwarded() -> None:
-    # Byte-level, below any server's normalization: what an older or other server could hand the router.
+    # Byte-level, below any server's normalization: what an older or other server could hand the endpoint.
     raw = [(b"x-trailing", b"space "), (b"x-tab", b"\tlead"), (b"x-ok", b"fine"), (b"bad name", b"v"),
            (b"authorization", b"Bearer "), (b"connection", b"x-hop"), (b"x-hop", b"1"), (b"x-inner", b"a b")]
     assert forward_headers(raw, keep_auth=False) == [(b"x-ok", b"fine"), (b"x-inner", b"a b")]
@@ -156,7 +52,7 @@ def test_headers_that_h11_refuses_are_not_forwarded() -> None:
 
 
 def test_with_a_key_every_path_but_health_needs_it(fake: Upstream, tmp_path: Path) -> None:
-    with router(fake.url, tmp_path, key=KEY) as url:
+    with one_server(fake.url, tmp_path, key=KEY) as url:
         for path in ("/v1/completions", "/tokenize", "/metrics", "/invocations", ROUTES_PATH, "/v1/models"):
             for value in (None, "Bearer ", "Bearer", f"Basic {KEY}", "Bearer wrong", f"Bearer {KEY}x"):
                 headers = {"Authorization": value} if value is not None else {}
@@ -170,10 +66,10 @@ def test_with_a_key_every_path_but_health_needs_it(fake: Upstream, tmp_path: Pat
 
 
 def test_every_vllm_path_and_method_reaches_upstream(fake: Upstream, tmp_path: Path) -> None:
-    with router(fake.url, tmp_path) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with one_server(fake.url, tmp_path) as url, httpx.Client(base_url=url, timeout=10) as client:
         metrics = client.get("/metrics")
         assert metrics.status_code == 200 and metrics.headers["content-type"] == METRICS_TYPE
-        assert metrics.text == "# TYPE vllm:x counter\nvllm:x 1\n"
+        assert metrics.text == f'# TYPE vllm:x counter\nvllm:x{{model_name="{SERVER}"}} 1\n'
         for method, path in [("GET", "/version"), ("POST", "/detokenize"), ("GET", "/ping"), ("POST", "/ping"),
                              ("POST", "/invocations"), ("POST", "/pooling"), ("POST", "/score"),
                              ("GET", "/v1/anything/deeper"), ("DELETE", "/v1/x"), ("PUT", "/v2/y"), ("PATCH", "/z")]:
@@ -185,12 +81,13 @@ def test_every_vllm_path_and_method_reaches_upstream(fake: Upstream, tmp_path: P
         assert reply.status_code == 418
         assert (reply.json()["raw_path"], reply.json()["query"]) == ("/v1/a%2Fb", "x=1&x=2&y=%20z&status=418")
         assert client.get("/nope?status=404").status_code == 404
-        data = client.get("/v1/models").json()["data"]  # the router's own: stable names added, `root` = version
-        assert {"id": "tiny", "root": "tiny-v3"} in data and {"id": "base", "root": "/m"} in data
+        data = {entry["id"]: entry["root"] for entry in client.get("/v1/models").json()["data"]}
+        # The endpoint's own listing: the job's stable name (`root` = its version) and base name (`root` = server).
+        assert data == {SERVER: "/m", "tiny-v3": "/adapters/tiny-v3", "tiny": "tiny-v3", "tiny-base": SERVER}
 
 
 def test_model_is_rewritten_for_stable_names_only(fake: Upstream, tmp_path: Path) -> None:
-    with router(fake.url, tmp_path) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with one_server(fake.url, tmp_path) as url, httpx.Client(base_url=url, timeout=10) as client:
         chat = {"model": "tiny", "messages": [{"role": "user", "content": "헌법"}], "temperature": 0.7}
         for path, body in [("/v1/completions", {"model": "tiny", "prompt": [1, 2]}),
                            ("/v1/chat/completions", chat), ("/tokenize", {"model": "tiny", "prompt": "안녕"})]:
@@ -209,7 +106,7 @@ def test_model_is_rewritten_for_stable_names_only(fake: Upstream, tmp_path: Path
 
 
 def test_streaming_passes_through_and_inflight_is_counted(fake: Upstream, tmp_path: Path) -> None:
-    with router(fake.url, tmp_path) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with one_server(fake.url, tmp_path) as url, httpx.Client(base_url=url, timeout=10) as client:
         with client.stream("POST", "/stream", json={"model": "tiny", "stream": True}) as reply:
             assert reply.status_code == 201 and reply.headers["content-type"].startswith("text/event-stream")
             chunks = reply.iter_raw()
@@ -232,32 +129,24 @@ def test_streaming_passes_through_and_inflight_is_counted(fake: Upstream, tmp_pa
         assert inflight(url) == {}
 
 
-def test_bad_routes_bodies_are_400_json(fake: Upstream, tmp_path: Path) -> None:
-    with router(fake.url, tmp_path) as url, httpx.Client(base_url=url, timeout=10) as client:
-        for raw in (b"", b"{", b"[]", b'"x"', b"{}", b'{"routes": []}', b'{"routes": {"a": 1}}',
-                    b'{"routes": {"a": ""}}', b'{"routes": null}', b"\xff"):
-            reply = client.put(ROUTES_PATH, content=raw)
-            assert reply.status_code == 400 and reply.json()["error"]["message"], raw
-        assert client.post(ROUTES_PATH, json={}).status_code == 405
-        assert client.put(ROUTES_PATH, json={"routes": {"tiny": "tiny-v4"}}).json()["routes"] == {"tiny": "tiny-v4"}
-        assert json.loads((tmp_path / "routes.json").read_text()) == {"tiny": "tiny-v4"}
-        assert fake.seen == []
-
-
 def test_upstream_down_is_503_with_retry_after(tmp_path: Path) -> None:
-    with router(f"http://127.0.0.1:{free_port()}", tmp_path) as url, httpx.Client(base_url=url, timeout=30) as client:
+    down = f"http://127.0.0.1:{free_port()}"
+    with one_server(down, tmp_path) as url, httpx.Client(base_url=url, timeout=30) as client:
         health = client.get("/health")
-        assert health.status_code == 503 and health.json()["upstream"] is None and health.headers["retry-after"]
-        for method, path in [("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/metrics")]:
+        assert health.status_code == 503 and health.json()["servers"] == {SERVER: None}
+        assert health.headers["retry-after"]
+        for method, path in [("POST", "/v1/completions"), ("GET", "/version")]:
             reply = client.request(method, path, json={"model": "tiny"} if method == "POST" else None)
             assert reply.status_code == 503 and int(reply.headers["retry-after"]) > 0, path
             assert "unreachable" in reply.json()["error"]["message"] and reply.json()["error"]["type"], path
+        # The listing still names what the endpoint knows; a server that does not answer adds nothing to it.
+        assert client.get("/v1/models").json()["data"] == []
         assert inflight(url) == {}
 
 
 def test_a_request_without_model_is_400_naming_the_field(fake: Upstream, tmp_path: Path) -> None:
     # vLLM would answer it with its first model, the base: a client bug silently served untuned.
-    with router(fake.url, tmp_path) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with one_server(fake.url, tmp_path) as url, httpx.Client(base_url=url, timeout=10) as client:
         for path in sorted(MODEL_REQUIRED):
             for body in ({"prompt": "x"}, {"model": None, "messages": []}, {"model": ""}):
                 reply = client.post(path, json=body)

@@ -1,5 +1,5 @@
-"""The router in front of a real vLLM stack: vLLM's own endpoints and lm-eval going through the router on the
-stable name answer as vLLM does on the versioned name."""
+"""The endpoint in front of a real vLLM: vLLM's own endpoints and lm-eval going through the endpoint on the stable
+name answer as vLLM does on the versioned name."""
 
 from __future__ import annotations
 
@@ -8,35 +8,32 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loraflow.config import load_config
-from loraflow.serving.client import ServingClient
-from loraflow.serving.servers import start_stack
+from loraflow.serving.client import EndpointClient
 from loraflow.tiny.base import tiny_ko_dir
 from loraflow.tiny.kobest import tiny_kobest_dir
-from tests.fixtures import ATTENTION, free_port, make_adapter
+from tests.fixtures import ATTENTION, make_adapter, make_registry
+from tests.fixtures.serving import ServedJobs
 
 
 @pytest.mark.slow
-def test_real_vllm_answers_the_same_through_the_router(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_vllm_answers_the_same_through_the_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM's own endpoints and an lm-eval run (local-completions sends `Authorization: Bearer ` when no key is
-    set) give the same answers through the router on the stable name as straight from vLLM on the version."""
+    set) give the same answers through the endpoint on the stable name as straight from vLLM on the version."""
     import lm_eval  # only here: importing it costs seconds, the fast tests need none of it
     from lm_eval.tasks import TaskManager
 
-    model, key_env = "tiny-ko-routed", "LORAFLOW_TEST_ROUTER_KEY"
+    model, key_env = "tiny-ko-routed", "LORAFLOW_TEST_ENDPOINT_KEY"
     monkeypatch.delenv(key_env, raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # so lm-eval sends the empty `Bearer `
     base_dir = tiny_ko_dir()
-    adapter = make_adapter(base_dir, tmp_path / "adapter", r=8, targets=ATTENTION, seed=1)
-    job = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny-ko.yaml", {
-        "registry.model_name": model, "serving.enabled": True, "serving.port": free_port(),
-        "serving.vllm_port": free_port(), "serving.api_key_env": key_env, "serving.max_model_len": 512})
-    stack = start_stack(job, [adapter])
+    registry = make_registry(tmp_path / "mlflow", model)
+    registry.set_alias("champion", registry.register(make_adapter(base_dir, tmp_path / "adapter", r=8,
+                                                                  targets=ATTENTION, seed=1)))
+    served = ServedJobs(key_env, None)
     try:
-        vllm, routed, versioned = stack.endpoint.vllm_url, stack.endpoint.router_url, f"{model}-v1"
-        serving = ServingClient(vllm, routed)
-        serving.load_adapter(versioned, str(adapter))
-        serving.set_routes({model: versioned})
+        report = served.deploy(registry)
+        vllm, routed, versioned = served.server_url(report), served.url, f"{model}-v1"
+        assert report.routes == {model: versioned}
         with httpx.Client(timeout=120) as http:
             assert http.get(f"{routed}/version").json() == http.get(f"{vllm}/version").json()
             prompt = {"prompt": "대한민국 헌법 제1조는 무엇입니까?"}
@@ -59,9 +56,9 @@ def test_real_vllm_answers_the_same_through_the_router(tmp_path: Path, monkeypat
                                               tasks=["tiny_kobest_copa"], task_manager=tasks, limit=20)
             return results["results"]["tiny_kobest_copa"]["acc,none"]
 
-        through_router, direct_acc = copa_acc(routed, model), copa_acc(vllm, versioned)
-        print(f"tiny_kobest_copa acc: router {through_router}, vLLM {direct_acc}")
-        assert through_router == direct_acc
-        assert serving.routes()["inflight"] == {}
+        through_endpoint, direct_acc = copa_acc(routed, model), copa_acc(vllm, versioned)
+        print(f"tiny_kobest_copa acc: endpoint {through_endpoint}, vLLM {direct_acc}")
+        assert through_endpoint == direct_acc
+        assert EndpointClient(routed).routes()["inflight"] == {}
     finally:
-        stack.stop()
+        served.stop()

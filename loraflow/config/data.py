@@ -5,16 +5,16 @@ from __future__ import annotations
 import string
 from typing import Literal
 
+from pydantic import Field, model_validator
+
+from loraflow.config.base import Section
+
 ChatRole = Literal["system", "user", "assistant", "tool", "tool_call"]
 # The chat roles themselves, ShareGPT's (`human`, `gpt`) and its function-calling ones (LLaMA-Factory, glaive:
 # `function_call` holds an assistant's call as JSON, `observation` its result).
 DEFAULT_ROLES: dict[str, ChatRole] = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
                                       "human": "user", "gpt": "assistant", "function_call": "tool_call",
                                       "observation": "tool"}
-
-from pydantic import Field, model_validator
-
-from loraflow.config.base import Section
 
 
 def template_columns(template: str) -> list[str]:

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from loraflow.config.data import FieldMapping
+from loraflow.config.data import FieldMapping, template_columns
 
 Message = dict[str, Any]  # {"role", "content": str | None, "tool_calls": list | None}
 
@@ -182,18 +182,26 @@ def _single_turn(raw: dict[str, Any], fields: FieldMapping) -> list[Message]:
 
 
 def _with_label_names(raw: dict[str, Any], fields: FieldMapping) -> dict[str, Any]:
-    """`label_names` applied to the row's `label_column` id (local files; hub ClassLabels are already names)."""
+    """`label_names` applied to the row's `label_column` id, a number or a CSV's digits (hub ClassLabels are already
+    names, as is any other text)."""
     names, column = fields.label_names, fields.label_column
-    if names is None or isinstance(raw.get(column), str):
-        return raw
     value = raw.get(column)
+    if isinstance(value, str) and value.strip().isdecimal():
+        value = int(value)
+    if names is None or isinstance(value, str):
+        return raw
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(names):
         raise RowError(f"{column} {value!r} is not an id of label_names (0..{len(names) - 1})")
     return {**raw, column: names[value]}
 
 
 def _side(row: dict[str, Any], column: str | None, template: str | None) -> Any:
-    return template.format(**row) if template is not None else row[column]
+    if template is None:
+        return row[column]
+    empty = [name for name in template_columns(template) if row.get(name) in (None, "")]
+    if empty:  # a template would turn a missing value into the text "None", or an answer into nothing
+        raise RowError(f"column(s) {empty} empty")
+    return template.format(**row)
 
 
 def check_conversation(messages: list[Message], max_chars: int) -> None:

@@ -7,13 +7,14 @@ dataset at its pinned commit (offline: that commit's snapshot in the hub cache).
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from datasets import ClassLabel, Dataset, load_dataset
+from datasets import ClassLabel, Dataset, Features, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 from loraflow.config.data import DataSource
@@ -66,12 +67,24 @@ def _named_rows(loaded: Dataset, labels: dict[str, list[str]]) -> Iterator[dict[
         yield {**row, **{column: names[column][row[column]] for column in names if row[column] is not None}}
 
 
+def _csv_as_written(file: Path, fmt: str) -> dict[str, Any]:
+    """A CSV's cells as the text they are: pandas would read an id column with one empty cell as floats (`4.0`, and
+    the model would learn to answer that) and `NA` or `None` as missing; every column is a string, an empty cell
+    is empty text (a turn the data step rejects as empty)."""
+    if fmt != "csv":
+        return {}
+    with file.open(encoding="utf-8", newline="") as fh:
+        header = next(csv.reader(fh), [])
+    return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
+
+
 def read_rows(source: DataSource, fingerprint: SourceFingerprint,
               labels: dict[str, list[str]] | None = None) -> Iterator[tuple[str, int, Any]]:
     """(file, row number, raw row) of the files the fingerprint names, in its (sorted) order; for a hub source the
     "file" is the split. JSON lines are parsed one by one so that a broken line is a rejected row (an exception in
     place of the row), not a crashed load; other formats go through `datasets.load_dataset` (the same call as hub
-    datasets), with `ClassLabel` columns as names (recorded in `labels`). An empty file has no rows."""
+    datasets), with `ClassLabel` columns as names (recorded in `labels`) and CSV cells as the text they are. An
+    empty file has no rows."""
     labels = {} if labels is None else labels
     if fingerprint.kind == "hub":
         assert fingerprint.revision is not None
@@ -97,7 +110,7 @@ def read_rows(source: DataSource, fingerprint: SourceFingerprint,
             continue
         # Each file with its own builder: a directory may mix formats whose columns datasets cannot merge.
         try:
-            loaded = load_dataset(fmt, data_files=str(file), split="train")
+            loaded = load_dataset(fmt, data_files=str(file), split="train", **_csv_as_written(file, fmt))
         except DatasetGenerationError as error:
             raise DatasetError(f"{file}: cannot be read as {fmt}: {error.__cause__ or error}") from error
         for number, row in enumerate(_named_rows(loaded, labels), start=1):

@@ -97,7 +97,7 @@ def _turns(raw: dict[str, Any], fields: FieldMapping) -> list[Message]:
         role = roles[name]
         if role == "tool_call":  # ShareGPT's function_call: the assistant's call as JSON text
             messages.append({"role": "assistant", "content": None,
-                             "tool_calls": _tool_calls(_parsed(content, index, "tool call"), index)})
+                             "tool_calls": _tool_calls(_parsed(content, index, "the tool call"), index)})
         elif role == "assistant" and turn.get("tool_calls"):
             messages.append({"role": "assistant", "content": content or None,
                              "tool_calls": _tool_calls(turn["tool_calls"], index),
@@ -117,7 +117,7 @@ def _parsed(text: Any, index: int, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        raise RowError(f"turn {index}: the {what} is not JSON") from None
+        raise RowError(f"turn {index}: {what}: not JSON") from None
 
 
 def _tool_calls(value: Any, index: int) -> list[dict[str, Any]]:
@@ -131,7 +131,7 @@ def _tool_calls(value: Any, index: int) -> list[dict[str, Any]]:
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise RowError(f"turn {index}: a tool call without a function name")
-        arguments = _parsed(function.get("arguments", {}), index, f"arguments of tool call {function['name']!r}")
+        arguments = _parsed(function.get("arguments", {}), index, f"the arguments of tool call {function['name']!r}")
         if not isinstance(arguments, dict):
             raise RowError(f"turn {index}: the arguments of tool call {function['name']!r} are not a JSON object")
         out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})

@@ -39,7 +39,7 @@ def job_config(name: str, inspection: Inspection, base: str | None) -> dict[str,
     if base is None:
         job["quantization"] = {"method": "none", "compute_dtype": "float32"}
         job["training"] = {"epochs": 8 if labels else 2, "learning_rate": 5.0e-3 if labels else 2.0e-3,
-                           "batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 512,
+                           "batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 2048,
                            "gradient_checkpointing": False, "logging_steps": 5, "save_steps": 50,
                            "save_total_limit": 1}
     else:

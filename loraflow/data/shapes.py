@@ -169,7 +169,7 @@ def _label_set(source: DataSource, rows: list[dict[str, Any]], columns: dict[str
 def _with_labels(source: DataSource, mapping: dict[str, str], rows: list[dict[str, Any]], answer: str,
                  shape: str) -> Inspection:
     """The inspection of a single-turn shape; a label set when the answers are few distinct values."""
-    counts = Counter(row.get(answer) for row in rows if row.get(answer) is not None)
+    counts = Counter(row.get(answer) for row in rows if row.get(answer) not in (None, ""))
     few = len(counts) <= LABEL_SET_MAX and len(counts) * ROWS_PER_LABEL <= len(rows)
     inspection = Inspection(source=source.model_copy(update={"fields": FieldMapping.model_validate(mapping)}),
                             shape=f"{shape}, a label set" if few else shape, rows=0, columns={},
@@ -178,9 +178,10 @@ def _with_labels(source: DataSource, mapping: dict[str, str], rows: list[dict[st
         return inspection
     inspection.inferred.append(f"{answer!r} holds {len(counts)} distinct values over {len(rows)} rows: a label "
                                "set, judged by held-out accuracy")
-    if all(isinstance(value, int) for value in counts):
-        inspection.checks.append(f"{answer!r} holds integer ids ({min(counts)}..{max(counts)}): the model learns to "
-                                 "answer the numbers; fields.label_names names them (index = id)")
+    if all(isinstance(value, int) or str(value).isdecimal() for value in counts):  # a CSV's ids are text
+        ids = sorted(int(value) for value in counts)
+        inspection.checks.append(f"{answer!r} holds integer ids ({ids[0]}..{ids[-1]}): the model learns to answer "
+                                 "the numbers; fields.label_names names them (index = id)")
     if "prompt" in mapping:
         inspection.checks.append("the user turn is the bare text: a prompt_template with an instruction (e.g. "
                                  f"\"Classify: {{{mapping['prompt']}}}\") helps a base that follows instructions")

@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -37,7 +38,8 @@ def label_font() -> Path:
     return Path(spec.submodule_search_locations[0]) / "fonts" / "NanumGothic.ttf"
 
 
-def _plot(matrix: np.ndarray, names: list[str], path: Path, title: str) -> None:
+def confusion_figure(matrix: np.ndarray, names: list[str], title: str) -> Any:
+    """The confusion matrix as a matplotlib Figure, rows and columns named by the labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,6 +61,13 @@ def _plot(matrix: np.ndarray, names: list[str], path: Path, title: str) -> None:
     fig.colorbar(image, ax=ax, fraction=0.04)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def _plot(matrix: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(matrix, names, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from loraflow.config.data import DEFAULT_ROLES, DataSource, FieldMapping
 from loraflow.data.load import DatasetError, read_rows
-from loraflow.data.sources import GLOB_CHARS, source_fingerprint
+from loraflow.data.sources import FORMATS, GLOB_CHARS, source_fingerprint
 from loraflow.data.summary import LABEL_SET_MAX, ROWS_PER_LABEL
 
 SAMPLE_ROWS = 5000
@@ -48,8 +48,8 @@ def origin(spec: str) -> DataSource:
     """`--data`: an existing file, directory or glob, else a hub dataset id (`org/name`)."""
     from pathlib import Path
 
-    if Path(spec).exists() or GLOB_CHARS.search(spec):
-        return DataSource(path=spec)
+    if Path(spec).exists() or GLOB_CHARS.search(spec) or Path(spec).suffix.lower().lstrip(".") in FORMATS:
+        return DataSource(path=spec)  # a missing file is then "file not found", not an unknown hub dataset
     if HUB_ID.match(spec):
         return DataSource(hub_id=spec)
     raise DatasetError(f"--data {spec}: neither a file, a directory nor a hub dataset id (org/name)")

@@ -88,7 +88,7 @@ def build_dataset(data: DataConfig | PinnedData, out_dir: Path, key: str) -> Dat
             except RowError as error:
                 reason = str(error)
             else:
-                canonical = conversation.canonical()
+                canonical = conversation.canonical
                 if not data.dedupe or canonical not in seen:
                     seen.add(canonical)
                     rows.append({"conversation": conversation, "_canonical": canonical})
@@ -118,8 +118,8 @@ def build_dataset(data: DataConfig | PinnedData, out_dir: Path, key: str) -> Dat
         raise DatasetError("data: every usable row landed in the eval split; add data or lower eval_fraction")
 
     splits = DatasetDict({
-        "train": Dataset.from_list([r["conversation"].record() for r in train_rows]),
-        "eval": Dataset.from_list([r["conversation"].record() for r in eval_rows]),
+        "train": Dataset.from_list([r["conversation"].record for r in train_rows]),
+        "eval": Dataset.from_list([r["conversation"].record for r in eval_rows]),
     })
     splits.save_to_disk(str(out_dir / "dataset"))
     with (out_dir / "rejected.jsonl").open("w", encoding="utf-8") as fh:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from loraflow.config.data import FieldMapping, template_columns
@@ -36,6 +37,7 @@ class Conversation:
     messages: list[Message]
     tools: list[dict[str, Any]] | None = None
 
+    @cached_property
     def record(self) -> dict[str, Any]:
         """The row as the dataset stores it. Arrow gives every row one schema, and tool definitions and call
         arguments have a shape per tool (their union would render `null` for every key another tool has): those are
@@ -44,9 +46,10 @@ class Conversation:
                               "tool_calls": _json(m.get("tool_calls"))} for m in self.messages],
                 "tools": _json(self.tools)}
 
+    @cached_property
     def canonical(self) -> str:
         """What duplicates are recognised by and the split hashes."""
-        return json.dumps(self.record(), ensure_ascii=False, sort_keys=True)
+        return json.dumps(self.record, ensure_ascii=False, sort_keys=True)
 
 
 def _json(value: Any) -> str | None:

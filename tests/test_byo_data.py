@@ -157,3 +157,14 @@ def test_loraflow_data_says_what_it_dropped_and_marks_the_trained_tokens(tmp_pat
     assert "- rejected: column(s) ['label'] empty (1)" in printed and "empty user turn (1)" in printed
     assert "warning: build_dataset kept 72 of 362 rows (20%)" in printed
     assert "<|im_start|>assistant\n⟦0<|im_end|>⟧" in printed or "<|im_start|>assistant\n⟦1<|im_end|>⟧" in printed
+
+
+def test_loraflow_new_with_a_hub_base_writes_the_qlora_recipe(tmp_path: Path) -> None:
+    config = tmp_path / "qa.yaml"
+    path = write_shapes(tmp_path / "data")["prompt_response"]
+    assert main(["new", "qa", "--data", str(path), "--base", "Qwen/Qwen2.5-1.5B-Instruct", "--output",
+                 str(config)]) == 0
+    job = load_config(config)
+    assert (job.model.base, job.model.revision, job.quantization.method) == ("Qwen/Qwen2.5-1.5B-Instruct", "main",
+                                                                             "nf4")
+    assert job.training.gradient_checkpointing and "--base Qwen/Qwen2.5-1.5B-Instruct" in config.read_text()

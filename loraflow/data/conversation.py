@@ -94,7 +94,7 @@ def _turns(raw: dict[str, Any], fields: FieldMapping) -> list[Message]:
             raise RowError(f"turn {index}: no {fields.role_key!r} key (the turn's keys: {', '.join(turn)}); "
                            "fields.role_key and fields.content_key name them (ShareGPT: from, value)")
         name, content = turn[fields.role_key], turn.get(fields.content_key)
-        if name not in roles:
+        if not isinstance(name, str) or name not in roles:
             raise RowError(f"turn {index}: unknown role {name!r} (known: {', '.join(roles)}; fields.roles maps "
                            "more)")
         role = roles[name]

@@ -3,9 +3,10 @@ from prefect import task
 from loraflow.config.data import DataConfig
 from loraflow.data.keys import dataset_key
 from loraflow.data.sources import PinnedData, as_pinned
+from loraflow.data.summary import dataset_summary, dataset_warnings
 from loraflow.outputs import run_step
 from loraflow.results import DatasetResult
-from tasks.prefect_glue import retry_transient, step_cache
+from tasks.prefect_glue import report_step, retry_transient, step_cache
 
 
 # Retries cover hub downloads; a bad local file fails the same way every time and is reported at once.
@@ -22,4 +23,7 @@ def build_dataset(data: PinnedData | DataConfig) -> DatasetResult:
 
         return build(pinned, out, key)
 
-    return run_step("dataset", key, DatasetResult, produce)
+    dataset = run_step("dataset", key, DatasetResult, produce)
+    report_step(dataset_summary(dataset.stats, dataset.path), dataset_warnings(dataset.stats, dataset.path),
+                "What the data step read, kept and rejected")
+    return dataset

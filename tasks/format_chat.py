@@ -3,9 +3,10 @@ from prefect import task
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.data.keys import chat_key
+from loraflow.data.summary import chat_summary, chat_warnings
 from loraflow.outputs import run_step
 from loraflow.results import ChatResult, DatasetResult
-from tasks.prefect_glue import step_cache
+from tasks.prefect_glue import report_step, step_cache
 
 
 @task(name="format_chat", **step_cache("chat", chat_key))
@@ -17,4 +18,6 @@ def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingCo
 
         return render(dataset, model, training, out, key)
 
-    return run_step("chat", key, ChatResult, produce)
+    chat = run_step("chat", key, ChatResult, produce)
+    report_step(chat_summary(chat.stats), chat_warnings(chat.stats), "Rows tokenized, token lengths, trained tokens")
+    return chat

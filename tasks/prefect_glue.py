@@ -130,6 +130,18 @@ def artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def report_step(summary: list[str], warnings: list[str], description: str) -> None:
+    """A step's summary in the run's log and as a markdown artifact of its task run, its warnings as log warnings
+    (the Prefect UI shows them in the flow run's log) and at the top of the artifact."""
+    logger = _logger()
+    logger.info("\n".join(summary))
+    for warning in warnings:
+        logger.warning(warning)
+    markdown = "\n".join([*(f"> **warning:** {warning}\n" for warning in warnings), f"**{summary[0]}**\n",
+                          *summary[1:]])
+    create_markdown_artifact(markdown=markdown, description=description)
+
+
 def publish_mlflow_run(*, tracking_uri: str, experiment_id: str, run_id: str, metrics: Mapping[str, float],
                        name: str, model_version: str | None = None) -> str | None:
     """Create the link and metrics artifacts on the current Prefect run; returns the MLflow run URL if any.

@@ -3,6 +3,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from loraflow.config.job import JobConfig
+from loraflow.data.summary import heldout_hint
 from loraflow.registry import register as plain
 from loraflow.registry.client import client_for
 from loraflow.registry.lineage import data_report
@@ -28,4 +29,11 @@ def register(job: JobConfig, config_path: str, dataset: DatasetResult, chat: Cha
     create_markdown_artifact(markdown=report, key=f"{artifact_key(job.registry.model_name)}-data",
                              description="Rows per source and what is new since the champion")
     get_run_logger().info(report.splitlines()[0].removeprefix("### "))
+    # The warnings of the steps before (each logged by its task) and the hint that a label set could be judged by its
+    # own metric (logged here) go on the MLflow run.
+    hint = heldout_hint(dataset.stats, job.eval.heldout)
+    if hint:
+        get_run_logger().warning(hint)
+    plain.record_warnings(job.registry, version.run_id,
+                          [*plain.step_warnings(dataset, chat, trained), *([hint] if hint else [])])
     return version

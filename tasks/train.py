@@ -1,6 +1,7 @@
+import json
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
@@ -10,6 +11,7 @@ from loraflow.outputs import run_step
 from loraflow.registry.client import tracking_uri
 from loraflow.results import ChatResult, TrainResult
 from loraflow.training.keys import train_key
+from loraflow.training.loss_check import loss_warning
 from tasks.prefect_glue import accelerator, retry_transient, step_cache
 
 
@@ -33,4 +35,7 @@ def train(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: Quant
         with accelerator(), released_device_memory():
             return train_adapter(chat, model, lora, quant, training, out, key, tracking)
 
-    return run_step("train", key, TrainResult, produce)
+    trained = run_step("train", key, TrainResult, produce)
+    if warning := loss_warning(json.loads(Path(trained.log_history).read_text())):
+        get_run_logger().warning(warning)
+    return trained

@@ -49,9 +49,11 @@ def test_bad_rows_are_rejected_with_reasons_and_good_rows_survive(tmp_path: Path
     reasons = {r["row"]: r["reason"] for r in rejected}
     assert reasons == {
         11: "turn 1: empty assistant turn",
-        12: "turn 0: unknown role 'robot'",
+        12: "turn 0: unknown role 'robot' (known: system, user, assistant, tool, human, gpt, function_call, "
+            "observation; fields.roles maps more)",
         13: "conversation does not end with an assistant turn",
-        14: "turns must alternate user/assistant after an optional system turn; found 'assistant'",
+        14: "turn 0: expected user, found assistant (after an optional system turn: user, assistant, user, ...; "
+            "tool results after an assistant's tool call)",
         15: "turn 1: 300 chars > max_chars_per_turn 200",
         16: reasons[16],
         17: "missing field 'messages'",

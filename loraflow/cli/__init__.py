@@ -22,14 +22,14 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 
-from loraflow.cli import jobs, registry, serving, stack
+from loraflow.cli import data, jobs, registry, serving, stack
 from loraflow.cli.common import parse_overrides, stack_registry
 from loraflow.config import ConfigError
 from loraflow.env import configure_environment
 from loraflow.errors import LoraflowError
 
 __all__ = ["build_parser", "main", "parse_overrides"]
-GROUPS = (stack, jobs, serving, registry)
+GROUPS = (stack, jobs, data, serving, registry)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,13 @@ from pydantic import Field, model_validator
 
 from loraflow.config.base import Section
 
+ChatRole = Literal["system", "user", "assistant", "tool", "tool_call"]
+# The chat roles themselves, ShareGPT's (`human`, `gpt`) and its function-calling ones (LLaMA-Factory, glaive:
+# `function_call` holds an assistant's call as JSON, `observation` its result).
+DEFAULT_ROLES: dict[str, ChatRole] = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+                                      "human": "user", "gpt": "assistant", "function_call": "tool_call",
+                                      "observation": "tool"}
+
 
 def template_columns(template: str) -> list[str]:
     """The columns a `str.format` template names (`"의도: {text}"` -> ["text"])."""
@@ -18,11 +25,12 @@ def template_columns(template: str) -> list[str]:
 class FieldMapping(Section):
     """How a source's columns become chat `messages`.
 
-    Either `messages` names a column holding a list of {role, content} turns, or each side of a single-turn
-    chat comes from a column (`prompt`, `response`) or a `str.format` template over the row's columns
-    (`prompt_template: "다음 문의의 의도를 고르세요: {text}"`, `response_template: "{label}"`); `system` optionally
-    names a column. `label_names` maps the integer ids of `label_column` to names (for local files; a hub
-    dataset's `ClassLabel` columns are mapped by their own names).
+    Either `messages` names a column holding a list of turns (OpenAI's {role, content, tool_calls}; ShareGPT's
+    {from, value} with `role_key: from`, `content_key: value`; role names mapped by `roles`), or each side of a
+    single-turn chat comes from a column (`prompt`, `response`; alpaca's `input` joined to the prompt) or a
+    `str.format` template over the row's columns (`prompt_template: "다음 문의의 의도를 고르세요: {text}"`,
+    `response_template: "{label}"`); `system` optionally names a column. `label_names` maps the integer ids of
+    `label_column` to names (for local files; a hub dataset's `ClassLabel` columns are mapped by their own names).
     """
 
     messages: str | None = Field(default=None, description="The column holding a list of {role, content} turns "
@@ -35,8 +43,20 @@ class FieldMapping(Section):
                                           "columns for the assistant turn (instead of `response`), e.g. `{label}`.")
     system: str | None = Field(default=None, description="A column holding each row's system prompt (overrides "
                                "`data.system_prompt` for that row).")
-    role_key: str = Field(default="role", description="The key of a turn's role inside the `messages` column.")
-    content_key: str = Field(default="content", description="The key of a turn's text inside the `messages` column.")
+    input: str | None = Field(default=None, description="A column joined to the `prompt` column's text after a "
+                              "newline when not empty (alpaca's `input`).")
+    role_key: str = Field(default="role", description="The key of a turn's role inside the `messages` column "
+                          "(ShareGPT: `from`).")
+    content_key: str = Field(default="content", description="The key of a turn's text inside the `messages` column "
+                             "(ShareGPT: `value`).")
+    roles: dict[str, ChatRole] = Field(
+        default_factory=dict, description="Role names of the source mapped to chat roles, on top of the defaults "
+        "(system, user, assistant, tool; ShareGPT's human -> user, gpt -> assistant, function_call -> tool_call, "
+        "observation -> tool). `tool_call`: the turn's text is an assistant's tool call as JSON ({name, "
+        "arguments}, or a list of them).")
+    tools: str | None = Field(default="tools", description="The column of each row's tool definitions (OpenAI "
+                              "`tools`: a list, or a JSON string of one), rendered by the chat template; a row "
+                              "without it has none. None: never read.")
     label_column: str = Field(default="label", description="The column whose integer ids `label_names` maps.")
     label_names: list[str] | None = Field(default=None, min_length=1, description="Names of the integer ids of "
                                           "`label_column` (index = id), for local files; None: the ids as they are.")
@@ -65,15 +85,22 @@ class FieldMapping(Section):
                     raise ValueError(f"`{name}` is not a str.format template: {error}") from None
                 if not columns:
                     raise ValueError(f"`{name}` names no column (write them as {{column}})")
+        if raw.get("input") is not None and raw.get("prompt") is None:
+            raise ValueError("`input` is joined to the `prompt` column: set `prompt` too (a `prompt_template` "
+                             "names every column itself)")
         if raw.get("messages") is None and not pair:
             return {**raw, "messages": "messages"}
         return raw
+
+    def role_names(self) -> dict[str, ChatRole]:
+        """Every role name a turn may carry and the chat role it becomes."""
+        return {**DEFAULT_ROLES, **self.roles}
 
     def columns(self) -> list[str]:
         """Every column the mapping reads (checked against each file before any row is mapped)."""
         if self.messages is not None:
             return [self.messages]
-        names = [self.prompt, self.response, *template_columns(self.prompt_template or ""),
+        names = [self.prompt, self.input, self.response, *template_columns(self.prompt_template or ""),
                  *template_columns(self.response_template or "")]
         return list(dict.fromkeys(name for name in names if name))
 

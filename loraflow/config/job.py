@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
 
 from loraflow.config.base import Section
 from loraflow.config.data import DataConfig
 from loraflow.config.evaluation import EvalConfig
 from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
-from loraflow.config.promotion import PromotionConfig
+from loraflow.config.promotion import PromotionConfig, task_gate
 from loraflow.config.registry import RegistryConfig
 from loraflow.config.schedule import ScheduleConfig
 from loraflow.config.serving import MergeConfig, ServingConfig
@@ -42,3 +44,19 @@ class JobConfig(Section):
         are on, and there is something to score (benchmark tasks or the held-out task)."""
         return (self.serving.enabled and self.serving.parity.enabled
                 and bool(self.eval.benchmarks.tasks or self.eval.heldout.enabled))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gate_follows_the_task(cls, raw: Any) -> Any:
+        """With `eval.heldout` on and no `promotion.require` given, the gate is the task's own (`task_gate`), set
+        here so that the job the run records shows the requirement it applied."""
+        if not isinstance(raw, dict):
+            return raw
+        try:
+            heldout = EvalConfig.model_validate(raw.get("eval") or {}).heldout
+            promotion = PromotionConfig.model_validate(raw.get("promotion") or {})
+        except ValidationError:
+            return raw  # reported with its field path by the job's own validation
+        if not heldout.enabled or "require" in promotion.model_fields_set:
+            return raw
+        return {**raw, "promotion": promotion.model_copy(update={"require": task_gate(heldout.kind)})}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from loraflow.config.base import Section
@@ -27,9 +29,22 @@ class Requirement(Section):
                                     "gain may fall short of its minimum; 0: the minimum gains are strict.")
 
 
+# The held-out headline metric of each `eval.heldout.kind` and one point of it (accuracy is 0-1, chrF 0-100).
+HEADLINE = {"labels": ("heldout/accuracy", 0.01), "text": ("heldout/chrf", 1.0)}
+
+
+def task_gate(kind: Literal["labels", "text"]) -> list[Requirement]:
+    """The default gate of a job with `eval.heldout` on: its headline metric beats the base by a point and is not
+    below the champion's (a tuned model that answers no label right is never a challenger on perplexity alone)."""
+    metric, one_point = HEADLINE[kind]
+    return [Requirement(metric=metric, min_gain_over_base=one_point, min_gain_over_champion=0.0)]
+
+
 class PromotionConfig(Section):
     require: list[Requirement] = Field(default_factory=list, description="The metrics a version must pass to earn "
-                                       "an alias.")
+                                       "an alias. Not given: with `eval.heldout` on, the held-out headline metric "
+                                       "(`heldout/accuracy` for labels, `heldout/chrf` for text) must beat the base "
+                                       "by one point and match the champion; else none.")
     max_perplexity_regression: float | None = Field(
         default=0.0, ge=0, description="Tuned perplexity may be at most (1 + this) times the base's and the "
         "champion's. None: perplexity is only judged by `require`.")

@@ -1,7 +1,9 @@
 """format_chat: render each conversation with the chat template and tokenize it with an assistant-only mask.
 
-The mask comes from the template's `{% generation %}` markers. Every assistant turn must end with the
-end-of-turn token inside the mask: a model never trained on its closing `<|im_end|>` never learns to stop.
+The mask comes from the template's `{% generation %}` markers, checked on every row: one span per assistant turn
+(text or tool calls), each ending with the end-of-turn token (a model never trained on its closing `<|im_end|>`
+never learns to stop) and none reaching into another turn (`<|im_start|>` inside a span would train the model on
+a user turn or a tool result). A row's `tools` go to the template, which renders them into the system turn.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from datasets import DatasetDict, load_from_disk
 from loraflow.base.load import load_tokenizer
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
+from loraflow.data.conversation import Message, template_inputs
 from loraflow.outputs import write_json
 from loraflow.results import ChatResult, DatasetResult
 from loraflow.templates import template_sha
@@ -27,6 +30,7 @@ from loraflow.templates import template_sha
 log = logging.getLogger(__name__)
 
 END_OF_TURN = "<|im_end|>"
+START_OF_TURN = "<|im_start|>"
 
 
 class ChatFormatError(ValueError):
@@ -45,9 +49,10 @@ def assistant_spans(mask: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
-def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], end_of_turn_id: int) -> dict[str, Any]:
+def tokenize_conversation(tokenizer: Any, messages: list[Message], end_of_turn_id: int,
+                          tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
     spans = assistant_spans(mask)
@@ -55,11 +60,20 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], end_of
     if len(spans) != turns:
         raise ChatFormatError(f"template marks {len(spans)} assistant spans for {turns} assistant turns; "
                               "does it wrap replies in {% generation %}?")
-    for _, end in spans:
+    start_of_turn_id = tokenizer.convert_tokens_to_ids(START_OF_TURN)
+    for start, end in spans:
         if ids[end - 1] != end_of_turn_id:
             raise ChatFormatError(f"an assistant span ends with token {ids[end - 1]}, not {END_OF_TURN}; the "
                                   "model would never learn to stop")
+        if start_of_turn_id in ids[start:end]:
+            raise ChatFormatError(f"an assistant span holds {START_OF_TURN}: it runs into another turn, which the "
+                                  "model would be trained to write")
     return {"input_ids": ids, "assistant_masks": mask, "length": len(ids), "labeled": sum(mask)}
+
+
+def _tokenize_record(tokenizer: Any, record: dict[str, Any], end_of_turn_id: int) -> dict[str, Any]:
+    messages, tools = template_inputs(record)
+    return tokenize_conversation(tokenizer, messages, end_of_turn_id, tools=tools)
 
 
 def _length_histogram(lengths: list[int], max_length: int, path: Path) -> None:
@@ -82,8 +96,8 @@ def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingCo
         raise ChatFormatError(f"model.base: tokenizer has no {END_OF_TURN} token")
     splits = load_from_disk(dataset.dataset_dir)
     tokenized = splits.map(
-        lambda row: tokenize_conversation(tokenizer, row["messages"], end_of_turn_id),
-        remove_columns=["messages"],
+        lambda row: _tokenize_record(tokenizer, row, end_of_turn_id),
+        remove_columns=splits["train"].column_names,
         desc="applying chat template",
     )
     kept = tokenized.filter(lambda row: row["length"] <= training.max_length, desc="dropping over-length rows")
@@ -101,7 +115,9 @@ def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingCo
         "dropped_over_max_length": dropped,
         "train_tokens": int(sum(kept["train"]["length"])),
         "train_assistant_tokens": int(sum(kept["train"]["labeled"])),
+        "max_length": training.max_length,
         "length_mean": float(np.mean(lengths)),
+        "length_p50": float(np.percentile(lengths, 50)),
         "length_p95": float(np.percentile(lengths, 95)),
         "length_max": int(max(lengths)),
     }

@@ -7,8 +7,10 @@ Files are prefixed with the model's label (`tuned.heldout_confusion.png`) so bas
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -27,20 +29,29 @@ def confused_pairs(matrix: np.ndarray, names: list[str], top: int) -> list[tuple
     return sorted(pairs, key=lambda p: (-p[2], p[0], p[1]))[:top]
 
 
-def _plot(matrix: np.ndarray, names: list[str], path: Path, title: str) -> None:
+def label_font() -> Path:
+    """NanumGothic (Hangul and Latin) from the `koreanize-matplotlib` wheel: matplotlib's bundled font has no
+    Hangul (카드도착 would be boxes), and a system font may not be there. The file is located, not imported: the
+    package's import changes matplotlib's global font and needs distutils, gone in Python 3.12."""
+    spec = importlib.util.find_spec("koreanize_matplotlib")
+    assert spec is not None and spec.submodule_search_locations, "koreanize-matplotlib is in the locked install"
+    return Path(spec.submodule_search_locations[0]) / "fonts" / "NanumGothic.ttf"
+
+
+def confusion_figure(matrix: np.ndarray, names: list[str], title: str) -> Any:
+    """The confusion matrix as a matplotlib Figure, rows and columns named by the labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.font_manager import FontProperties
 
-    # matplotlib's bundled font has no Hangul (boxes instead of 카드도착): such names are shown by their row number
-    # in the CSV, whose first column names them.
-    ticks = names if all(name.isascii() for name in names) else [f"{i + 1}" for i in range(len(names) - 1)] + [OTHER]
+    font = FontProperties(fname=label_font(), size=7)
     size = 3 + 0.35 * len(names)
     fig, ax = plt.subplots(figsize=(size + 1, size))
     image = ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(names)), ticks, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(matrix.shape[0]), ticks[: matrix.shape[0]], fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontproperties=font)
+    ax.set_yticks(range(matrix.shape[0]), names[: matrix.shape[0]], fontproperties=font)
     ax.set_xlabel("answered")
     ax.set_ylabel("reference")
     for (i, j), count in np.ndenumerate(matrix):
@@ -50,6 +61,13 @@ def _plot(matrix: np.ndarray, names: list[str], path: Path, title: str) -> None:
     fig.colorbar(image, ax=ax, fraction=0.04)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def _plot(matrix: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(matrix, names, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

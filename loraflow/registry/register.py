@@ -24,16 +24,21 @@ from mlflow.exceptions import MlflowException
 import loraflow
 from loraflow.config.job import JobConfig
 from loraflow.config.registry import RegistryConfig
+from loraflow.data.summary import chat_warnings, dataset_warnings
 from loraflow.errors import InputError
 from loraflow.hashing import sha_of, sha_of_files
 from loraflow.registry.client import client_for, ensure_experiment, tracking_uri
 from loraflow.registry.lineage import base_revision_tag, source_tags
 from loraflow.results import ChatResult, DatasetResult, EvalResult, RegisteredVersion, TrainResult
+from loraflow.training.loss_check import loss_warning
 
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "loraflow.run_key"
+TAG_VALUE_LIMIT = 5000
 TRAINING_RUN_TAG = "loraflow.training_run_id"  # the live run of the training, when this version has a run of its own
+WARNINGS_TAG = "loraflow.warnings"  # what a person should look at before trusting the version; absent: nothing
+NOTE_TAG = "mlflow.note.content"  # the run's description, shown at the top of its page in the MLflow UI
 
 
 def code_version() -> str:
@@ -235,6 +240,24 @@ def attach_directory(registry: RegistryConfig, run_id: str, directory: str, arti
     client = client_for(registry)
     if not client.list_artifacts(run_id, artifact_path):
         client.log_artifacts(run_id, directory, artifact_path)
+
+
+def step_warnings(dataset: DatasetResult, chat: ChatResult, trained: TrainResult) -> list[str]:
+    """A data step that dropped more than half of its rows, a training whose loss did not fall."""
+    history = json.loads(Path(trained.log_history).read_text())
+    return [*dataset_warnings(dataset.stats, dataset.path), *chat_warnings(chat.stats),
+            *filter(None, [loss_warning(history)])]
+
+
+def record_warnings(registry: RegistryConfig, run_id: str, warnings: list[str]) -> None:
+    """The warnings on the version's run: tag `loraflow.warnings` (searchable, `tags."loraflow.warnings" != ''`)
+    and the run's note, which the MLflow UI shows at the top of the run. Nothing when there are none."""
+    if not warnings:
+        return
+    text = "\n".join(f"- {warning}" for warning in warnings)
+    client = client_for(registry)
+    client.set_tag(run_id, WARNINGS_TAG, text[:TAG_VALUE_LIMIT])
+    client.set_tag(run_id, NOTE_TAG, f"**loraflow warnings**\n\n{text}")
 
 
 def _describe(metrics: dict[str, float]) -> str:

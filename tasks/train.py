@@ -8,7 +8,7 @@ from loraflow.config.registry import RegistryConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.outputs import run_step
 from loraflow.registry.client import tracking_uri
-from loraflow.results import ChatResult, TrainResult
+from loraflow.results import ChatResult, ParentVersion, TrainResult
 from loraflow.training.keys import train_key
 from tasks.prefect_glue import accelerator, retry_transient, step_cache
 
@@ -17,9 +17,11 @@ from tasks.prefect_glue import accelerator, retry_transient, step_cache
 @task(name="train", **step_cache("train", train_key),
       retries=1, retry_delay_seconds=30, retry_condition_fn=retry_transient)
 def train(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
-          training: TrainingConfig, registry: RegistryConfig, job_name: str) -> TrainResult:
-    """`registry` and `job_name` say where the live MLflow run goes; they are not part of the cache key."""
-    key = train_key(chat, model, lora, quant, training)
+          training: TrainingConfig, registry: RegistryConfig, job_name: str,
+          parent: ParentVersion | None = None) -> TrainResult:
+    """`registry` and `job_name` say where the live MLflow run goes; they are not part of the cache key. `parent`:
+    the version training.init_from named, as the pre-flight pinned it."""
+    key = train_key(chat, model, lora, quant, training, parent)
 
     def produce(out: Path) -> TrainResult:
         from loraflow.training.device import released_device_memory
@@ -31,6 +33,6 @@ def train(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: Quant
         # Only real training holds the accelerator slot: a finished result is returned without waiting for it. The
         # memory is handed back before the slot (evaluate, merge and vLLM follow in this process).
         with accelerator(), released_device_memory():
-            return train_adapter(chat, model, lora, quant, training, out, key, tracking)
+            return train_adapter(chat, model, lora, quant, training, out, key, tracking, parent)
 
     return run_step("train", key, TrainResult, produce)

@@ -20,6 +20,7 @@ from typing import Any
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 
 from loraflow.config.data import DataConfig, DataSource, FieldMapping, template_columns
+from loraflow.data.preference import pair_record
 from loraflow.data.sources import PinnedData, SourceFingerprint, as_pinned, dataset_manifest, file_format
 from loraflow.hashing import sha_of
 from loraflow.hub import cached_snapshot
@@ -225,18 +226,22 @@ def build_dataset(data: DataConfig | PinnedData, out_dir: Path, key: str) -> Dat
             try:
                 if isinstance(raw, Exception):
                     raise raw
-                messages = to_messages(raw, source.fields)
-                reason = validate_messages(messages, data.max_chars_per_turn)
+                if source.fields.is_pair:  # a preference pair, mapped and checked (loraflow/data/preference.py)
+                    record, reason = pair_record(raw, source.fields, data), None
+                else:
+                    messages = to_messages(raw, source.fields)
+                    reason = validate_messages(messages, data.max_chars_per_turn)
+                    record = {"messages": _with_system(messages, data.system_prompt)} if reason is None else {}
             except ValueError as error:
                 reason = str(error)
             if reason is None:
-                messages = _with_system(messages, data.system_prompt)
-                canonical = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+                # A conversation's canonical form stays its messages: the dedupe and split of chat data are as before.
+                canonical = json.dumps(record.get("messages", record), ensure_ascii=False, sort_keys=True)
                 if data.dedupe and canonical in seen:
                     reason = "exact duplicate of an earlier row"
                 else:
                     seen.add(canonical)
-                    rows.append({"messages": messages, "_canonical": canonical})
+                    rows.append({"record": record, "_canonical": canonical})
                     counts["kept"] += 1
                     continue
             counts["rejected"] += 1
@@ -259,8 +264,8 @@ def build_dataset(data: DataConfig | PinnedData, out_dir: Path, key: str) -> Dat
         raise DatasetError("data: every usable row landed in the eval split; add data or lower eval_fraction")
 
     splits = DatasetDict({
-        "train": Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),
-        "eval": Dataset.from_list([{"messages": r["messages"]} for r in eval_rows]),
+        "train": Dataset.from_list([r["record"] for r in train_rows]),
+        "eval": Dataset.from_list([r["record"] for r in eval_rows]),
     })
     splits.save_to_disk(str(out_dir / "dataset"))
     with (out_dir / "rejected.jsonl").open("w", encoding="utf-8") as fh:

@@ -46,6 +46,8 @@ def _sides(raw: dict[str, Any], fields: FieldMapping) -> dict[str, Turns]:
 
 def _with_system(prompt: Turns, raw: dict[str, Any], fields: FieldMapping, system_prompt: str | None) -> Turns:
     system = raw.get(fields.system) if fields.system is not None else None
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"field {fields.system!r} is not text")
     system = system or system_prompt
     if system and prompt and prompt[0].get("role") != "system":
         return [{"role": "system", "content": system}, *prompt]
@@ -86,8 +88,7 @@ def pair_record(raw: Any, fields: FieldMapping, data: DataConfig) -> dict[str, T
     if missing:
         raise ValueError(f"missing field(s) {missing}; the row's columns are {sorted(raw)}")
     pair = _sides(raw, fields)
-    pair["prompt"] = _with_system(pair["prompt"], raw, fields, data.system_prompt)
-    reason = _problem(pair, data.max_chars_per_turn)
+    reason = _problem(pair, data.max_chars_per_turn)  # turn numbers as the row has them
     if reason is not None:
         raise ValueError(reason)
-    return pair
+    return {**pair, "prompt": _with_system(pair["prompt"], raw, fields, data.system_prompt)}

@@ -51,14 +51,14 @@ def pin_parent(job: JobConfig) -> ParentVersion:
         raise InputError(f"training.init_from: {reference!r} ({version}) is an adapter of {base}; this job's "
                          f"model.base is {job.model.base}")
     adapter_dir = download_version(found, paths.sub("parents", name, found.run_id or "no-run"), uri)
-    _check_shape(job, reference, version, adapter_dir)
+    check_shape(job, reference, version, adapter_dir)
     ancestors = found.tags.get(LINEAGE_TAG)
     return ParentVersion(model_name=name, version=str(found.version), requested=reference,
                          adapter_sha=adapter_sha(adapter_dir), adapter_dir=str(adapter_dir), run_id=found.run_id,
                          lineage=f"{version} <- {ancestors}" if ancestors else version)
 
 
-def _check_shape(job: JobConfig, reference: str, version: str, adapter_dir: Path) -> None:
+def check_shape(job: JobConfig, reference: str, version: str, adapter_dir: Path) -> None:
     """The parent's adapter is what trains: `lora` (which the plan, the keys and the run's params read) must say
     what it is."""
     saved = json.loads((adapter_dir / "adapter_config.json").read_text())

@@ -15,7 +15,7 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelera
 
 
 # A registered version, MLflow's way: `<model>@<alias>` (tiny-ko@champion) or `<model>/<version>` (tiny-ko/3).
-VERSION_REFERENCE = r"^[^@/\s]+(@[A-Za-z][\w-]*|/[1-9][0-9]*)$"
+VERSION_REFERENCE = r"^(?P<model>[^@/\s]+)(?:@(?P<alias>[A-Za-z][\w-]*)|/(?P<version>[1-9][0-9]*))$"
 
 
 def accelerate_config_path(name: str) -> Path:

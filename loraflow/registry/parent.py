@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from loraflow import paths
 from loraflow.config.job import JobConfig
+from loraflow.config.training import VERSION_REFERENCE
 from loraflow.errors import InputError
 from loraflow.registry.client import client_for, tracking_uri
 from loraflow.registry.download import adapter_sha, download_version
@@ -22,7 +23,7 @@ from loraflow.results import ParentVersion
 
 PARENT_TAG = "parent_version"  # `tiny-ko/3`
 LINEAGE_TAG = "lineage"  # the parent and its own parents, nearest first: `tiny-ko-dpo/2 <- tiny-ko/3`
-REFERENCE = re.compile(r"^(?P<model>[^@/\s]+)(?:@(?P<alias>[A-Za-z][\w-]*)|/(?P<version>[1-9][0-9]*))$")
+REFERENCE = re.compile(VERSION_REFERENCE)
 # What the registry answers for a model, version or alias it does not hold (anything else, an unreachable server
 # included, is raised as it is: a retry may heal it).
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")

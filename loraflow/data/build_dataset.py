@@ -215,6 +215,7 @@ def build_dataset(data: DataConfig | PinnedData, out_dir: Path, key: str) -> Dat
         if source.fields.label_names is not None:
             labels[source.fields.label_column] = list(source.fields.label_names)
         checked: set[str] = set()
+        pair = source.fields.is_pair  # preference pairs, mapped and checked by loraflow/data/preference.py
         for file, number, raw in read_rows(source, fingerprint, labels):
             if source.limit is not None and counts["read"] >= source.limit:
                 break
@@ -226,16 +227,12 @@ def build_dataset(data: DataConfig | PinnedData, out_dir: Path, key: str) -> Dat
             try:
                 if isinstance(raw, Exception):
                     raise raw
-                if source.fields.is_pair:  # a preference pair, mapped and checked (loraflow/data/preference.py)
-                    record, reason = pair_record(raw, source.fields, data), None
-                else:
-                    messages = to_messages(raw, source.fields)
-                    reason = validate_messages(messages, data.max_chars_per_turn)
-                    record = {"messages": _with_system(messages, data.system_prompt)} if reason is None else {}
+                messages = pair_record(raw, source.fields, data) if pair else to_messages(raw, source.fields)
+                reason = None if pair else validate_messages(messages, data.max_chars_per_turn)
             except ValueError as error:
                 reason = str(error)
             if reason is None:
-                # A conversation's canonical form stays its messages: the dedupe and split of chat data are as before.
+                record = messages if pair else {"messages": _with_system(messages, data.system_prompt)}
                 canonical = json.dumps(record.get("messages", record), ensure_ascii=False, sort_keys=True)
                 if data.dedupe and canonical in seen:
                     reason = "exact duplicate of an earlier row"

@@ -52,8 +52,9 @@ def run_variant(variant: str, epochs: float, extra: dict[str, Any]) -> dict[str,
 
     from loraflow.base.load import load_tokenizer
     from loraflow.evaluation.perplexity import assistant_perplexity
+    from loraflow.training.arguments import peft_config, trainer_config
     from loraflow.training.models import load_base_model
-    from loraflow.training.train import peak_rss_mb, peft_config, sft_config, train_adapter
+    from loraflow.training.train import peak_rss_mb, train_adapter
 
     overrides = {"training.epochs": epochs, "training.save_steps": 10_000, "training.logging_steps": 1, **extra}
     if variant in ("loraflow-lora", "tutorial-lora", "full"):
@@ -73,7 +74,7 @@ def run_variant(variant: str, epochs: float, extra: dict[str, Any]) -> dict[str,
         # The tutorials' recipe: let TRL tokenize raw conversations itself; full FT has no peft_config.
         trainer = SFTTrainer(
             model=load_base_model(job.model, job.quantization, quantized=False),
-            args=sft_config(job.training, job.model, out),
+            args=trainer_config(job.training, job.model, out),
             train_dataset=load_from_disk(dataset.dataset_dir)["train"],
             processing_class=tokenizer,
             peft_config=peft_config(job.lora) if variant == "tutorial-lora" else None,

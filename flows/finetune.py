@@ -1,5 +1,5 @@
 """The `finetune` flow: dataset -> chat -> train -> evaluate -> register -> promote -> merge -> deploy ->
-served parity.
+served parity. `training.method` (sft, dpo) changes what the steps' plain functions do, not the DAG.
 
     loraflow run configs/tiny-ko.yaml [--set training.epochs=1 ...]
     prefect deployment run finetune/tiny-ko [--param overrides='{"training.epochs": 1}']
@@ -28,17 +28,19 @@ from tasks.validate import validated_job
 
 @flow(name="finetune")
 def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune the job's base model with (Q)LoRA, evaluate base vs tuned, register and gate the adapter, then
-    merge and serve it as the config says, and check that the served version scores what was judged. `overrides`
-    are dotted config fields (`{"training.learning_rate": 1e-4}`), validated with the config before any work."""
-    job, data = validated_job(config, overrides)  # every moving reference pinned once, here
-    get_run_logger().info("job %s: base %s, %d data source(s)", job.name, job.model.base, len(job.data.sources))
+    """Fine-tune the job's base model with (Q)LoRA (SFT, or DPO from a registered version), evaluate base (and the
+    starting point) vs tuned, register and gate the adapter, then merge and serve it as the config says, and check
+    that the served version scores what was judged. `overrides` are dotted config fields
+    (`{"training.learning_rate": 1e-4}`), validated with the config before any work."""
+    job, data, parent = validated_job(config, overrides)  # every moving reference pinned once, here
+    get_run_logger().info("job %s: %s on base %s, %d data source(s)%s", job.name, job.training.method, job.model.base,
+                          len(job.data.sources), f", from {parent.name} ({parent.requested})" if parent else "")
 
     dataset = build_dataset(data)
     chat = format_chat(dataset, job.model, job.training)
-    trained = train(chat, job.model, job.lora, job.quantization, job.training, job.registry, job.name)
-    evaluated = evaluate(chat, trained, job.model, job.quantization, job.eval)
-    version = register(job, config, dataset, chat, trained, evaluated)
+    trained = train(chat, job.model, job.lora, job.quantization, job.training, job.registry, job.name, parent)
+    evaluated = evaluate(chat, trained, job.model, job.quantization, job.eval, parent)
+    version = register(job, config, dataset, chat, trained, evaluated, parent)
     decision = promote(job, version, evaluated)
     merged = merge(job, trained, version, decision)  # only a version this decision made champion
     served = deploy(job, config, overrides)
@@ -48,6 +50,7 @@ def finetune(config: str = "configs/tiny-ko.yaml", overrides: dict[str, Any] | N
         "job": job.name,
         "model_name": version.model_name,
         "version": version.version,
+        "parent_version": parent.name if parent else None,
         "new_version": version.created,
         "run_id": version.run_id,
         "tracking_uri": version.tracking_uri,

@@ -65,6 +65,31 @@ class TrainResult(StepResult):
         return str(Path(self.path) / "log_history.json")
 
 
+class ParentVersion(BaseModel):
+    """The registered version a job starts from (`training.init_from`), pinned once by the pre-flight: the alias
+    resolved to a version, its adapter downloaded and hashed. Keys, training, evaluation and lineage read this."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_name: str
+    version: str
+    requested: str  # what training.init_from said (`tiny-ko@champion`)
+    adapter_sha: str  # the downloaded adapter's content (as the register step hashes an adapter)
+    adapter_dir: str
+    run_id: str | None
+    lineage: str  # this version and its own parents, nearest first: `tiny-ko-dpo/2 <- tiny-ko/3`
+
+    @property
+    def name(self) -> str:
+        """`tiny-ko/3`: MLflow's way of naming a version (`models:/tiny-ko/3`)."""
+        return f"{self.model_name}/{self.version}"
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        """What a step's key hashes: which version, and what its adapter holds (not where it was downloaded)."""
+        return self.model_name, self.version, self.adapter_sha
+
+
 class EvalResult(StepResult):
     """Metrics named `base/<name>` and `tuned/<name>`; artifact files under `path`."""
 

@@ -5,14 +5,15 @@ from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.evaluation.keys import eval_key
 from loraflow.outputs import run_step
-from loraflow.results import ChatResult, EvalResult, TrainResult
+from loraflow.results import ChatResult, EvalResult, ParentVersion, TrainResult
 from tasks.prefect_glue import accelerator, step_cache
 
 
 @task(name="evaluate", **step_cache("evaluate", eval_key))
 def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: QuantizationConfig,
-             evaluation: EvalConfig) -> EvalResult:
-    key = eval_key(chat, trained, model, quant, evaluation)
+             evaluation: EvalConfig, parent: ParentVersion | None = None) -> EvalResult:
+    """`parent`: the starting point (training.init_from), measured beside the tuned adapter."""
+    key = eval_key(chat, trained, model, quant, evaluation, parent)
 
     def produce(out):
         from loraflow.evaluation.evaluate import evaluate as measure
@@ -20,6 +21,6 @@ def evaluate(chat: ChatResult, trained: TrainResult, model: ModelConfig, quant: 
 
         # Base and tuned models are loaded on the device: never beside a training; their memory is handed back.
         with accelerator(), released_device_memory():
-            return measure(chat, trained, model, quant, evaluation, out, key)
+            return measure(chat, trained, model, quant, evaluation, out, key, parent)
 
     return run_step("evaluate", key, EvalResult, produce)

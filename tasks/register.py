@@ -7,7 +7,7 @@ from loraflow.data.summary import heldout_hint
 from loraflow.registry import register as plain
 from loraflow.registry.client import client_for
 from loraflow.registry.lineage import data_report
-from loraflow.results import ChatResult, DatasetResult, EvalResult, RegisteredVersion, TrainResult
+from loraflow.results import ChatResult, DatasetResult, EvalResult, ParentVersion, RegisteredVersion, TrainResult
 from tasks.prefect_glue import artifact_key, prefect_run_tags, publish_mlflow_run, retry_transient
 
 
@@ -16,9 +16,9 @@ from tasks.prefect_glue import artifact_key, prefect_run_tags, publish_mlflow_ru
 # past an MLflow restart on a busy machine (10-30 s measured) even when MLflow's own request retries are exhausted.
 @task(name="register", retries=3, retry_delay_seconds=[10, 30, 60], retry_condition_fn=retry_transient)
 def register(job: JobConfig, config_path: str, dataset: DatasetResult, chat: ChatResult, trained: TrainResult,
-             evaluated: EvalResult) -> RegisteredVersion:
+             evaluated: EvalResult, parent: ParentVersion | None = None) -> RegisteredVersion:
     version = plain.register_adapter(job, config_path, dataset, chat, trained, evaluated,
-                                     flow_run_id=flow_run.id or "", extra_tags=prefect_run_tags())
+                                     flow_run_id=flow_run.id or "", extra_tags=prefect_run_tags(), parent=parent)
     # Both ways: the MLflow run is tagged with this flow run; this flow run gets a link + metrics table artifact.
     publish_mlflow_run(tracking_uri=version.tracking_uri, experiment_id=version.experiment_id,
                        run_id=version.run_id, metrics=evaluated.metrics, name=job.registry.model_name,

@@ -42,7 +42,7 @@ def test_a_cache_miss_fingerprints_each_source_once_and_loads_the_pinned_commit(
     @flow
     def dataset_flow() -> tuple[PinnedData, DatasetResult]:
         """The finetune flow's first two lines, with `main` moving between the pre-flight and the build."""
-        job, data = validated_job(str(TINY_CONFIG), {"data.sources": sources})
+        job, data, _ = validated_job(str(TINY_CONFIG), {"data.sources": sources})
         assert job.data == data.data and job.data.sources[1].revision == SHA1
         hub_snapshot(hub_cache, "datasets--org--name", SHA2, {"data.jsonl": hub_rows("new", 6)})
         return data, build_dataset(data)

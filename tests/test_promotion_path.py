@@ -1,7 +1,7 @@
 """A person's promotion reaches serving with nobody running a command: MLflow REST alias move (what the UI calls) ->
 MLflow webhook -> loraflow's receiver -> Prefect event -> the stack's reconciler -> a `serve` pass (a flow run the
 Prefect UI lists) -> the job's stable name on the endpoint. Two moves 3 s apart end on the last; two jobs moved at
-once both get there; the drift check gets there with the receiver down; a job file named by path is deployed,
+once both get there; the drift check gets there with the receiver down; a job file added to configs/ is deployed,
 served and retired; a SIGKILLed vLLM comes back; a reconciler and a worker killed mid-pass leave nothing waiting
 once `loraflow up` has run. Real local stack and real vLLM; the tests run in file order on one endpoint.
 """
@@ -131,26 +131,29 @@ def test_with_the_receiver_down_the_drift_check_gets_there(local_stack: RunningS
     local_stack.up()  # the receiver comes back; `up` starts only what is not running
 
 
-def test_a_job_file_named_by_path_is_deployed_served_and_retired(local_stack: RunningStack, adapters: list[Path],
-                                                                 stack_endpoint: str, tmp_path: Path) -> None:
-    job_file = tmp_path / "extra-job.yaml"
+def test_a_job_file_added_to_configs_is_deployed_served_and_retired(local_stack: RunningStack, adapters: list[Path],
+                                                                    stack_endpoint: str) -> None:
+    """A user's job: one YAML in configs/, `loraflow deploy`, and it has its deployments and is served when promoted
+    in the UI; removing the file and deploying again retires them."""
+    job_file = Path("configs/extra-job.yaml")
     config = yaml.safe_load(Path("configs/tiny-ko.yaml").read_text())
     config["name"], config["registry"] = "extra-job", {"model_name": "extra-job", "experiment": "extra-job"}
     job_file.write_text(yaml.safe_dump(config, allow_unicode=True))
-    print(local_stack.cli("loraflow", "deploy", str(job_file)).stdout)
-    with local_stack.client() as client:
-        finetune = client.read_deployment_by_name("finetune/extra-job")
-        client.read_deployment_by_name("parity/extra-job")
-    assert finetune.parameters == {"config": str(job_file)}
+    try:
+        assert "deployed finetune/extra-job" in local_stack.cli("loraflow", "deploy").stdout
+        with local_stack.client() as client:
+            finetune = client.read_deployment_by_name("finetune/extra-job")
+            client.read_deployment_by_name("parity/extra-job")
+        assert finetune.parameters == {"config": "configs/extra-job.yaml"}
 
-    [version] = register(local_stack, "extra-job", adapters[1:])
-    set_alias_like_the_ui(local_stack, version, model="extra-job")
-    wait_for(lambda: stable_root(stack_endpoint, "extra-job") == versioned_name("extra-job", version), 180)
-
-    local_stack.cli("loraflow", "serve", str(job_file), "--stop")
-    assert answers(stack_endpoint, "extra-job") is None and answers(stack_endpoint, MODEL) is not None
-    job_file.unlink()
-    assert "retired finetune/extra-job" in local_stack.cli("loraflow", "deploy").stdout
+        [version] = register(local_stack, "extra-job", adapters[1:])
+        set_alias_like_the_ui(local_stack, version, model="extra-job")
+        wait_for(lambda: stable_root(stack_endpoint, "extra-job") == versioned_name("extra-job", version), 180)
+        local_stack.cli("loraflow", "serve", str(job_file), "--stop")
+        assert answers(stack_endpoint, "extra-job") is None and answers(stack_endpoint, MODEL) is not None
+    finally:
+        job_file.unlink(missing_ok=True)
+    assert "retired finetune/extra-job (its job file is gone)" in local_stack.cli("loraflow", "deploy").stdout
     with local_stack.client() as client:
         names = {d.name for d in client.read_deployments()}
     assert "extra-job" not in names

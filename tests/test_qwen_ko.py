@@ -18,6 +18,7 @@ from loraflow.registry.promote import judge
 from loraflow.serving.server_spec import combined, job_demand, served_dtype, server_spec
 from loraflow.serving.urls import served_url
 from loraflow.serving.vllm_server import VllmLaunch, vllm_command
+from loraflow.training.arguments import peft_config, sft_arguments
 from loraflow.training.models import (
     attn_implementation_for,
     bnb_config,
@@ -26,7 +27,6 @@ from loraflow.training.models import (
     has_bf16,
     varlen_kernel_installed,
 )
-from loraflow.training.train import peft_config, sft_arguments
 
 SHA = "a09a35458c702b33eeacc393d103063234e8bc28"
 

@@ -31,6 +31,8 @@ class FieldMapping(Section):
     `str.format` template over the row's columns (`prompt_template: "다음 문의의 의도를 고르세요: {text}"`,
     `response_template: "{label}"`); `system` optionally names a column. `label_names` maps the integer ids of
     `label_column` to names (for local files; a hub dataset's `ClassLabel` columns are mapped by their own names).
+    A preference pair (training.method dpo) maps `chosen` and `rejected`, with `prompt` (and optionally `system`):
+    loraflow/data/preference.py.
     """
 
     messages: str | None = Field(default=None, description="The column holding a list of {role, content} turns "
@@ -60,12 +62,20 @@ class FieldMapping(Section):
     label_column: str = Field(default="label", description="The column whose integer ids `label_names` maps.")
     label_names: list[str] | None = Field(default=None, min_length=1, description="Names of the integer ids of "
                                           "`label_column` (index = id), for local files; None: the ids as they are.")
+    chosen: str | None = Field(default=None, description="A preference pair's better answer (training.method dpo): "
+                               "the column of a string or a list of {role, content} turns. With `prompt`, the "
+                               "answer alone; without, the whole conversation, whose turns shared with `rejected` "
+                               "are the prompt (TRL's implicit prompt).")
+    rejected: str | None = Field(default=None, description="The column of the pair's worse answer, shaped like "
+                                 "`chosen`.")
 
     @model_validator(mode="before")
     @classmethod
     def _one_shape(cls, raw: object) -> object:
         if not isinstance(raw, dict):
             return raw
+        if raw.get("chosen") is not None or raw.get("rejected") is not None:
+            return _pair_shape(raw)
         sides = {side: [raw.get(side) is not None, raw.get(f"{side}_template") is not None]
                  for side in ("prompt", "response")}
         for side, (column, template) in sides.items():
@@ -98,11 +108,28 @@ class FieldMapping(Section):
 
     def columns(self) -> list[str]:
         """Every column the mapping reads (checked against each file before any row is mapped)."""
+        if self.is_pair:
+            return [name for name in (self.prompt, self.chosen, self.rejected) if name]
         if self.messages is not None:
             return [self.messages]
         names = [self.prompt, self.input, self.response, *template_columns(self.prompt_template or ""),
                  *template_columns(self.response_template or "")]
         return list(dict.fromkeys(name for name in names if name))
+
+    @property
+    def is_pair(self) -> bool:
+        """A preference pair (prompt/chosen/rejected) rather than a conversation."""
+        return self.chosen is not None
+
+
+def _pair_shape(raw: dict) -> dict:
+    if raw.get("chosen") is None or raw.get("rejected") is None:
+        raise ValueError("`chosen` and `rejected` must be set together (a preference pair)")
+    others = [name for name in ("messages", "response", "prompt_template", "response_template")
+              if raw.get(name) is not None]
+    if others:
+        raise ValueError(f"a preference pair maps `prompt`, `chosen` and `rejected` (and `system`): unset {others}")
+    return raw
 
 
 class DataSource(Section):
@@ -125,7 +152,8 @@ class DataSource(Section):
     format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
         default="auto", description="The format of every file of `path`; `auto`: each file's suffix decides.")
     fields: FieldMapping = Field(default_factory=lambda: FieldMapping(messages="messages"),
-                                 description="How the source's columns become chat `messages`.")
+                                 description="How the source's columns become chat `messages` (or preference "
+                                 "pairs).")
     limit: int | None = Field(default=None, gt=0, description="Read at most this many rows of the source "
                               "(None: all).")
 

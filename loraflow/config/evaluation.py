@@ -17,6 +17,14 @@ class PerplexityConfig(Section):
     batch_size: int = Field(default=4, gt=0, description="Conversations per forward pass.")
 
 
+class PreferenceConfig(Section):
+    """A DPO job's held-out pairs: how often each model prefers `chosen`, and by how much
+    (loraflow/evaluation/preference.py)."""
+
+    max_rows: int | None = Field(default=None, gt=0, description="The first held-out pairs measured (None: all).")
+    batch_size: int = Field(default=4, gt=0, description="Pairs per forward pass (two sequences each).")
+
+
 class BenchmarkConfig(Section):
     """lm-evaluation-harness tasks (e.g. kobest_boolq), run through lm-eval's own task machinery.
 
@@ -54,6 +62,8 @@ class HeldoutConfig(Section):
 
 class EvalConfig(Section):
     perplexity: PerplexityConfig = PerplexityConfig()
+    preference: PreferenceConfig = Field(default=PreferenceConfig(), description="Preference accuracy and margin "
+                                         "on the held-out pairs (training.method dpo).")
     benchmarks: BenchmarkConfig = BenchmarkConfig()
     heldout: HeldoutConfig = HeldoutConfig()
     # `serving` makes the promotion gate judge what will answer; `training` is for a GPU that cannot hold the 16-bit

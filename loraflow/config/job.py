@@ -26,7 +26,8 @@ class JobConfig(Section):
     lora: LoraSettings = Field(default=LoraSettings(), description="The LoRA adapter's shape.")
     quantization: QuantizationConfig = Field(default=QuantizationConfig(), description="4-bit quantization of the "
                                              "frozen base (QLoRA).")
-    training: TrainingConfig = Field(default=TrainingConfig(), description="SFT hyper-parameters (TRL SFTTrainer).")
+    training: TrainingConfig = Field(default=TrainingConfig(), description="Training hyper-parameters: SFT (TRL "
+                                     "SFTTrainer) or DPO (TRL DPOTrainer).")
     eval: EvalConfig = Field(default=EvalConfig(), description="What is measured on the base and on base + "
                              "adapter.")
     registry: RegistryConfig = Field(description="Where runs, metrics and adapter versions are recorded (MLflow).")
@@ -60,3 +61,21 @@ class JobConfig(Section):
         if not heldout.enabled or "require" in promotion.model_fields_set:
             return raw
         return {**raw, "promotion": promotion.model_copy(update={"require": task_gate(heldout.kind)})}
+
+    @model_validator(mode="after")
+    def _data_fits_the_method(self) -> JobConfig:
+        """A DPO job reads preference pairs and an SFT job conversations; a gate against the starting point needs
+        one; the held-out generation task scores conversations."""
+        dpo = self.training.method == "dpo"
+        for index, source in enumerate(self.data.sources):
+            if source.fields.is_pair != dpo:
+                need = "`prompt`, `chosen` and `rejected`" if dpo else "`messages` or `prompt` + `response`"
+                raise ValueError(f"data.sources[{index}].fields: training.method {self.training.method} maps {need}")
+        if dpo and self.eval.heldout.enabled:
+            raise ValueError("eval.heldout: scores generated conversations; a DPO job's held-out pairs are scored "
+                             "by preference accuracy (set eval.heldout.enabled: false)")
+        for index, requirement in enumerate(self.promotion.require):
+            if requirement.min_gain_over_start is not None and self.training.init_from is None:
+                raise ValueError(f"promotion.require[{index}].min_gain_over_start: there is no starting point to "
+                                 "compare with (training.init_from is not set)")
+        return self

@@ -24,6 +24,9 @@ class Requirement(Section):
                                              "metric's units (negative: a tolerated loss). None: not compared.")
     min_gain_over_champion: float | None = Field(default=0.0, description="The least gain over the current "
                                                  "champion, in the metric's units. None: not compared.")
+    min_gain_over_start: float | None = Field(default=None, description="The least gain over the starting point "
+                                              "(the version training.init_from named, measured beside the tuned "
+                                              "adapter), in the metric's units. None: not compared.")
     # lm-eval reports each score's standard error (`<metric>_stderr`); two equally good adapters differ by about one.
     stderr_tolerance: float = Field(default=0.0, ge=0, description="How many standard errors of the difference a "
                                     "gain may fall short of its minimum; 0: the minimum gains are strict.")

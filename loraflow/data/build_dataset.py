@@ -23,6 +23,7 @@ from datasets import Dataset, DatasetDict
 from loraflow.config.data import DataConfig, DataSource, FieldMapping, template_columns
 from loraflow.data.conversation import Conversation, RowError, to_conversation
 from loraflow.data.load import DatasetError, read_rows
+from loraflow.data.preference import to_pair
 from loraflow.data.sources import PinnedData, SourceFingerprint, as_pinned, dataset_manifest
 from loraflow.hashing import sha_of
 from loraflow.outputs import write_json
@@ -83,15 +84,17 @@ def build_dataset(data: DataConfig | PinnedData, out_dir: Path, key: str) -> Dat
             try:
                 if isinstance(raw, Exception):
                     raise RowError(str(raw))
-                conversation = _with_system(to_conversation(raw, source.fields, data.max_chars_per_turn),
-                                            data.system_prompt)
-            except RowError as error:
+                # One seam per row: a conversation (loraflow/data/conversation.py) or a preference pair
+                # (loraflow/data/preference.py), each with the record the dataset stores and its canonical text.
+                kept = (to_pair(raw, source.fields, data) if source.fields.is_pair else
+                        _with_system(to_conversation(raw, source.fields, data.max_chars_per_turn), data.system_prompt))
+            except ValueError as error:  # RowError among them
                 reason = str(error)
             else:
-                canonical = conversation.canonical
+                canonical = kept.canonical
                 if not data.dedupe or canonical not in seen:
                     seen.add(canonical)
-                    rows.append({"conversation": conversation, "_canonical": canonical})
+                    rows.append({"conversation": kept, "_canonical": canonical})
                     counts["kept"] += 1
                     continue
                 reason = DUPLICATE
@@ -139,7 +142,7 @@ def build_dataset(data: DataConfig | PinnedData, out_dir: Path, key: str) -> Dat
         "labels": labels,  # label column -> names (ClassLabel or label_names): the label set of this version
         # The last assistant turn's text: a few distinct answers over many rows is a label set (summary.py's hint).
         "distinct_answers": len({c.messages[-1]["content"] for c in kept}),
-        "rows_with_tools": sum(bool(c.tools or any(m["tool_calls"] for m in c.messages)) for c in kept),
+        "rows_with_tools": sum(bool(c.tools or any(m.get("tool_calls") for m in c.messages)) for c in kept),
         "manifest": manifest,
     }
     write_json(out_dir / "stats.json", stats)

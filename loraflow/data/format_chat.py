@@ -4,6 +4,8 @@ The mask comes from the template's `{% generation %}` markers, checked on every 
 (text or tool calls), each ending with the end-of-turn token (a model never trained on its closing `<|im_end|>`
 never learns to stop) and none reaching into another turn (`<|im_start|>` inside a span would train the model on
 a user turn or a tool result). A row's `tools` go to the template, which renders them into the system turn.
+A DPO job's preference pairs (loraflow/data/preference.py) become the token ids TRL's DPOTrainer reads: each answer
+is the assistant span the template marks after the prompt, checked the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 END_OF_TURN = "<|im_end|>"
 START_OF_TURN = "<|im_start|>"
+# A DPO job's tokenized pairs, as TRL's DPOTrainer reads them.
+PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 class ChatFormatError(ValueError):
@@ -68,7 +72,24 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], end_of_turn_i
         if start_of_turn_id in ids[start:end]:
             raise ChatFormatError(f"an assistant span holds {START_OF_TURN}: it runs into another turn, which the "
                                   "model would be trained to write")
-    return {"input_ids": ids, "assistant_masks": mask, "length": len(ids), "labeled": sum(mask)}
+    return {"input_ids": ids, "assistant_masks": mask, "length": len(ids), "labeled": sum(mask), "tokens": len(ids)}
+
+
+def tokenize_pair(tokenizer: Any, pair: dict[str, Any], end_of_turn_id: int) -> dict[str, Any]:
+    """`prompt_ids`, `chosen_ids`, `rejected_ids`: the prompt rendered with each answer, split where the answer's
+    span starts (so the prompt ends with the assistant header, as TRL's own tokenization does). `length` is the
+    longer sequence (what max_length bounds), `tokens` both (what a training step reads)."""
+    cut = {}
+    for side in ("chosen", "rejected"):
+        encoded = tokenize_conversation(tokenizer, [*pair["prompt"], *pair[side]], end_of_turn_id)
+        start, end = assistant_spans(encoded["assistant_masks"])[-1]
+        cut[side] = (encoded["input_ids"][:start], encoded["input_ids"][start:end])
+    (prompt, chosen), (other_prompt, rejected) = cut["chosen"], cut["rejected"]
+    if prompt != other_prompt:
+        raise ChatFormatError("the template renders the prompt differently before chosen and rejected")
+    return {**dict(zip(PAIR_COLUMNS, (prompt, chosen, rejected), strict=True)),
+            "length": len(prompt) + max(len(chosen), len(rejected)), "labeled": len(chosen) + len(rejected),
+            "tokens": 2 * len(prompt) + len(chosen) + len(rejected)}
 
 
 def _tokenize_record(tokenizer: Any, record: dict[str, Any], end_of_turn_id: int) -> dict[str, Any]:
@@ -95,8 +116,10 @@ def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingCo
     if end_of_turn_id is None or end_of_turn_id == tokenizer.unk_token_id:
         raise ChatFormatError(f"model.base: tokenizer has no {END_OF_TURN} token")
     splits = load_from_disk(dataset.dataset_dir)
+    pairs = training.method == "dpo"
     tokenized = splits.map(
-        lambda row: _tokenize_record(tokenizer, row, end_of_turn_id),
+        lambda row: tokenize_pair(tokenizer, row, end_of_turn_id) if pairs
+        else _tokenize_record(tokenizer, row, end_of_turn_id),
         remove_columns=splits["train"].column_names,
         desc="applying chat template",
     )
@@ -104,7 +127,7 @@ def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingCo
     dropped = {name: len(tokenized[name]) - len(kept[name]) for name in tokenized}
     if len(kept["train"]) == 0 or len(kept["eval"]) == 0:
         raise ChatFormatError(f"training.max_length={training.max_length}: every row of a split is longer")
-    DatasetDict({name: kept[name].remove_columns(["length", "labeled"]) for name in kept}).save_to_disk(
+    DatasetDict({name: kept[name].remove_columns(["length", "labeled", "tokens"]) for name in kept}).save_to_disk(
         str(out_dir / "tokenized")
     )
     lengths = list(tokenized["train"]["length"]) + list(tokenized["eval"]["length"])
@@ -113,7 +136,7 @@ def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingCo
         "train_rows": len(kept["train"]),
         "eval_rows": len(kept["eval"]),
         "dropped_over_max_length": dropped,
-        "train_tokens": int(sum(kept["train"]["length"])),
+        "train_tokens": int(sum(kept["train"]["tokens"])),  # DPO: both sequences of each pair
         "train_assistant_tokens": int(sum(kept["train"]["labeled"])),
         "max_length": training.max_length,
         "length_mean": float(np.mean(lengths)),

@@ -18,8 +18,8 @@ from loraflow.results import DatasetResult
 from loraflow.templates import template_sha
 
 # File selection, revision resolution and loading shape what the dataset step reads.
-DATA_CODE = ("loraflow.data.build_dataset", "loraflow.data.conversation", "loraflow.data.load", "loraflow.data.sources",
-             "loraflow.hub")
+DATA_CODE = ("loraflow.data.build_dataset", "loraflow.data.conversation", "loraflow.data.load",
+             "loraflow.data.preference", "loraflow.data.sources", "loraflow.hub")
 
 
 def dataset_key(data: DataConfig | PinnedData) -> str:
@@ -33,6 +33,7 @@ def dataset_key(data: DataConfig | PinnedData) -> str:
 def chat_key(dataset: DatasetResult, model: ModelConfig, training: TrainingConfig) -> str:
     # The tokenizer comes from the base at its resolved commit (embedded/local bases: as configured).
     model = pinned_model(model)
+    # The method decides what is tokenized: conversations (sft) or preference pairs (dpo).
     return sha_of(dataset.dataset_sha, model.base, model.revision, template_sha(model.chat_template),
-                  training.max_length,
+                  training.max_length, training.method,
                   code_sha("loraflow.data.format_chat", "loraflow.data.conversation", *MODEL_CODE))[:16]

@@ -1,6 +1,8 @@
 """Base vs tuned, side by side: a markdown table and a bar chart of every metric (logged by `register`).
 
-Metrics are named `base/<name>` and `tuned/<name>`; `<name>_stderr` entries are shown as ± on their metric.
+Metrics are named `base/<name>` and `tuned/<name>`, plus `start/<name>` for a job that started from a registered
+version (the tuned adapter's change is then shown against that starting point); `<name>_stderr` entries are shown
+as ± on their metric.
 Benchmark scores (`<task>/<metric>`, on a 0..1 scale) share a panel; each model-level value (perplexity, nll)
 gets its own, since their scales differ.
 """
@@ -15,13 +17,19 @@ if TYPE_CHECKING:
 
 TABLE_FILE = "comparison.md"
 CHART_FILE = "comparison.png"
-LABELS = ("base", "tuned")
+LABELS = ("base", "start", "tuned")
+COLORS = {"base": "#8c8c8c", "start": "#dd8452", "tuned": "#4c72b0"}
 
 
 def metric_names(metrics: dict[str, float]) -> list[str]:
-    """Names measured on base or tuned, without the prefix and without the stderr companions."""
+    """Names measured on base, start or tuned, without the prefix and without the stderr companions."""
     names = {key.split("/", 1)[1] for key in metrics if key.split("/", 1)[0] in LABELS and "/" in key}
     return sorted(name for name in names if not name.endswith("_stderr"))
+
+
+def measured_labels(metrics: dict[str, float]) -> list[str]:
+    """base and tuned, with start between them when a starting point was measured."""
+    return [label for label in LABELS if label != "start" or any(key.startswith("start/") for key in metrics)]
 
 
 def _cell(metrics: dict[str, float], label: str, name: str) -> str:
@@ -33,22 +41,25 @@ def _cell(metrics: dict[str, float], label: str, name: str) -> str:
 
 
 def comparison_table(metrics: dict[str, float]) -> str:
-    lines = ["| metric | base | tuned | tuned − base |", "|---|---:|---:|---:|"]
+    labels = measured_labels(metrics)
+    against = labels[-2]  # the tuned adapter's change: over its starting point when there is one, else the base
+    lines = ["| metric | " + " | ".join(labels) + f" | tuned − {against} |", "|---|" + "---:|" * (len(labels) + 1)]
     for name in metric_names(metrics):
-        base, tuned = metrics.get(f"base/{name}"), metrics.get(f"tuned/{name}")
-        delta = f"{tuned - base:+.4f}" if base is not None and tuned is not None else ""
-        cells = [name, _cell(metrics, "base", name), _cell(metrics, "tuned", name), delta]
+        reference, tuned = metrics.get(f"{against}/{name}"), metrics.get(f"tuned/{name}")
+        delta = f"{tuned - reference:+.4f}" if reference is not None and tuned is not None else ""
+        cells = [name, *(_cell(metrics, label, name) for label in labels), delta]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _bars(ax: Axes, metrics: dict[str, float], names: list[str]) -> None:
-    width = 0.4
-    for offset, (label, color) in enumerate(zip(LABELS, ("#8c8c8c", "#4c72b0"), strict=True)):
+    labels = measured_labels(metrics)
+    width = 0.8 / len(labels)
+    for offset, label in enumerate(labels):
         values = [metrics.get(f"{label}/{name}", float("nan")) for name in names]
         errors = [metrics.get(f"{label}/{name}_stderr", 0.0) for name in names]
-        positions = [i + (offset - 0.5) * width for i in range(len(names))]
-        ax.bar(positions, values, width, yerr=errors, label=label, color=color, capsize=2)
+        positions = [i + (offset - (len(labels) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(positions, values, width, yerr=errors, label=label, color=COLORS[label], capsize=2)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -70,7 +81,7 @@ def comparison_chart(metrics: dict[str, float], path: Path) -> None:
     for ax, group in zip(axes[0], panels, strict=False):
         _bars(ax, metrics, group)
         ax.set_title("benchmarks" if group is scores else group[0], fontsize=10)
-    fig.suptitle("base vs tuned")
+    fig.suptitle(" vs ".join(measured_labels(metrics)))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,5 +1,5 @@
 """A registered version's adapter files on local disk: serving loads them into vLLM, merging folds them into the
-base."""
+base, a DPO job starts from them; and the content hash that names an adapter."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ from pathlib import Path
 
 import mlflow.artifacts
 from mlflow.entities.model_registry import ModelVersion
+
+from loraflow.hashing import sha_of_files
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def adapter_sha(adapter_dir: Path) -> str:
+    """The adapter's identity: its weights and config (the tokenizer saved beside them is the base's)."""
+    return sha_of_files([adapter_dir / name for name in ADAPTER_FILES], root=adapter_dir)
 
 
 def download_version(version: ModelVersion, root: Path, tracking_uri: str) -> Path:

@@ -45,8 +45,9 @@ class PromotionDecision(BaseModel):
 
 def judge(policy: PromotionConfig, metrics: dict[str, float], champion: dict[str, float] | None,
           champion_label: str = "champion") -> tuple[bool, list[str]]:
-    """Apply the policy. `metrics` are the candidate's (`base/...`, `tuned/...`); `champion` the champion's,
-    or None when there is none. Returns (passed, one line per check starting `pass:`, `fail:` or `note:`)."""
+    """Apply the policy. `metrics` are the candidate's (`base/...`, `tuned/...`, and `start/...` for a job that
+    started from a version); `champion` the champion's, or None when there is none. Returns (passed, one line per
+    check starting `pass:`, `fail:` or `note:`)."""
     reasons: list[str] = []
 
     def check(ok: bool, text: str) -> None:
@@ -62,8 +63,8 @@ def judge(policy: PromotionConfig, metrics: dict[str, float], champion: dict[str
             bound = ">=" if req.higher_is_better else "<="
             check(sign * (tuned - req.min_value) >= -EPSILON, f"{req.metric} {tuned:.4g} {bound} {req.min_value:g}")
         tuned_se = metrics.get(f"tuned/{req.metric}_stderr", 0.0)
-        sides = [("base", metrics.get(f"base/{req.metric}"), metrics.get(f"base/{req.metric}_stderr", 0.0),
-                  req.min_gain_over_base)]
+        sides = [(side, metrics.get(f"{side}/{req.metric}"), metrics.get(f"{side}/{req.metric}_stderr", 0.0), gain)
+                 for side, gain in (("base", req.min_gain_over_base), ("start", req.min_gain_over_start))]
         if champion is not None:
             sides.append((champion_label, champion.get(f"tuned/{req.metric}"),
                           champion.get(f"tuned/{req.metric}_stderr", 0.0), req.min_gain_over_champion))
@@ -71,8 +72,8 @@ def judge(policy: PromotionConfig, metrics: dict[str, float], champion: dict[str
             if min_gain is None:
                 continue
             if reference is None:
-                if side == "base":
-                    check(False, f"base/{req.metric} was not measured")
+                if side in ("base", "start"):
+                    check(False, f"{side}/{req.metric} was not measured")
                 else:  # e.g. a task added to the config after the champion was evaluated
                     reasons.append(f"note: {side} has no {req.metric}; not compared")
                 continue

@@ -29,7 +29,8 @@ from loraflow.errors import InputError
 from loraflow.hashing import sha_of, sha_of_files
 from loraflow.registry.client import client_for, ensure_experiment, tracking_uri
 from loraflow.registry.lineage import base_revision_tag, source_tags
-from loraflow.results import ChatResult, DatasetResult, EvalResult, RegisteredVersion, TrainResult
+from loraflow.registry.parent import parent_tags
+from loraflow.results import ChatResult, DatasetResult, EvalResult, ParentVersion, RegisteredVersion, TrainResult
 from loraflow.training.loss_check import loss_warning
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,10 @@ def register_adapter(
     flow_run_id: str = "",
     extra_tags: dict[str, str] | None = None,
     extra_artifacts: list[str] | None = None,
+    parent: ParentVersion | None = None,
 ) -> RegisteredVersion:
+    """`parent`: the version the job started from (training.init_from, pinned by the pre-flight); its name, adapter
+    and own parents become lineage tags of the version and its run."""
     client = client_for(job.registry)
     name = job.registry.model_name
     run_key = sha_of(trained.key, evaluated.key)[:16]
@@ -155,6 +159,8 @@ def register_adapter(
         "code_version": code_version(),
         "flow_run_id": flow_run_id,
         "adapter_sha": trained.adapter_sha,
+        "training.method": job.training.method,
+        **(parent_tags(parent) if parent else {}),
         RUN_KEY_TAG: run_key,
         **(extra_tags or {}),
     }

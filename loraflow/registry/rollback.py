@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
 
 from loraflow.errors import LoraflowError
+from loraflow.registry.parent import PARENT_TAG
 from loraflow.registry.promote import CHAMPION, REJECTED, TAG_DECISION, TAG_REASONS, champion_version
 
 TAG_MOVED = "promotion.moved_by_hand"
@@ -56,12 +57,14 @@ def _aliased(client: MlflowClient, model_name: str, alias: str) -> str | None:
 
 
 def describe_versions(client: MlflowClient, model_name: str) -> list[str]:
-    """One line per version: aliases and the recorded decision."""
+    """One line per version: aliases, the recorded decision, and the version it started from (a DPO job's)."""
     lines = []
     for found in client.search_model_versions(f"name='{model_name}'"):
         full = client.get_model_version(model_name, found.version)  # search results omit aliases
         aliases = ",".join(full.aliases) or "-"
         line = f"v{full.version}\taliases={aliases}\tdecision={full.tags.get(TAG_DECISION, '-')}"
+        if PARENT_TAG in full.tags:
+            line += f"\tparent={full.tags[PARENT_TAG]}"
         if full.tags.get(TAG_DECISION) == REJECTED:
             # Why, at a glance: the first requirement it failed (all of them are in the tag and the description).
             failed = [r for r in full.tags.get(TAG_REASONS, "").splitlines() if r.startswith("fail:")]

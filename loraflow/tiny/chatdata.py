@@ -19,7 +19,7 @@ OUT_DIR = Path("data/tiny-ko")
 SEED = 7
 
 
-def _title(article: Article) -> str:
+def article_title(article: Article) -> str:
     prefix = "부칙 " if article.chapter == "부칙" else ""
     return f"{prefix}제{article.number}조"
 
@@ -33,7 +33,7 @@ def _first_sentence(text: str) -> str:
 def qa_rows(articles: list[Article]) -> list[dict[str, str]]:
     rows = []
     for article in articles:
-        title = _title(article)
+        title = article_title(article)
         rows += [
             {"instruction": f"대한민국 헌법 {title}의 내용을 알려 주세요.", "output": article.text},
             {"instruction": f"헌법 {title}는 어느 장에 속합니까?",
@@ -47,7 +47,7 @@ def qa_rows(articles: list[Article]) -> list[dict[str, str]]:
 def chat_rows(articles: list[Article]) -> list[dict]:
     rows = []
     for article in articles:
-        title = _title(article)
+        title = article_title(article)
         rows.append({"messages": [
             {"role": "user", "content": f"다음 조문은 헌법 몇 조입니까?\n{article.text}"},
             {"role": "assistant", "content": f"헌법 {title}입니다."},

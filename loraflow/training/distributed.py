@@ -27,7 +27,7 @@ from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig, accelerate_config_path
 from loraflow.errors import LoraflowError
 from loraflow.process import stop_process
-from loraflow.results import ChatResult, TrainResult
+from loraflow.results import ChatResult, ParentVersion, TrainResult
 from loraflow.training.live_metrics import Tracking
 from loraflow.training.models import device_for
 
@@ -56,6 +56,7 @@ class WorkerInputs(BaseModel):
     out_dir: str
     key: str
     tracking: Tracking | None = None
+    parent: ParentVersion | None = None
 
 
 def is_distributed(training: TrainingConfig) -> bool:

@@ -24,16 +24,18 @@ from loraflow.config.lora import ALL_LINEAR, LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.errors import LoraflowError
+from loraflow.training.arguments import peft_config
 from loraflow.training.plan_memory import (
     GIB,
     MARGIN_GIB,
     activation_bytes,
+    fused_head_bytes,
+    layer_bytes,
     optimizer_bytes,
     safetensors_bytes,
     serving_share,
     usable_gib,
 )
-from loraflow.training.train import peft_config
 
 BASES_DIR = Path(__file__).resolve().parent / "bases"
 MODES = ("full_bf16_adamw", "lora_bf16", "qlora_nf4")
@@ -77,7 +79,9 @@ class TrainingPlan(BaseModel):
     other_trainable_params: int  # trainable outside the LoRA layers (bias="all"/"lora_only")
     adapter_dtype: str
     adapter_bytes: int  # adapter_model.safetensors as training saves it (header included)
-    batch_size: int
+    method: str  # sft or dpo
+    batch_size: int  # conversations, or DPO pairs
+    sequences_per_batch: int  # DPO: two per pair
     max_length: int
     gradient_checkpointing: bool
     optim: str
@@ -157,24 +161,37 @@ def build_plan(architecture: PretrainedConfig, lora: LoraSettings, training: Tra
     adapter_bytes = safetensors_bytes({k: list(v.shape) for k, v in state.items()}, adapter_dtype, itemsize)
 
     text = architecture.get_text_config()
-    b, s = training.batch_size, training.max_length
-    layer_act, logits = activation_bytes(b, s, text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
-                                         text.vocab_size, training.gradient_checkpointing)
+    b, s, dpo = training.batch_size, training.max_length, training.method == "dpo"
+    # DPO: a batch of b pairs is 2b sequences (prompt + chosen, prompt + rejected) through the policy, then through the
+    # reference without grad (one layer's activations at a time, while the policy's are held); TRL's fused head
+    # computes their log-probs in tiles, never the b·s·V logits.
+    sequences = 2 * b if dpo else b
+    layer_act, logits = activation_bytes(sequences, s, text.hidden_size, text.num_hidden_layers,
+                                         text.num_attention_heads, text.vocab_size, training.gradient_checkpointing)
+    reference_act = layer_bytes(sequences, s, text.hidden_size, text.num_attention_heads) if dpo else 0.0
+    if dpo:
+        logits = fused_head_bytes(sequences * s, text.vocab_size)
+    # The reference's own weights: a second bf16 model under full fine-tuning; with LoRA the base with adapters off,
+    # or a frozen fp32 copy of the starting adapter (training.init_from).
+    reference_full = 2 * base_params if dpo else 0
+    reference_adapter = 4 * trainable_params if dpo and training.init_from else 0
     # lora_dropout keeps each wrapped module's dropped input (bf16) and its bool mask; lora_A's output is s·b·r
     per_wrapped = sum(m.layers * (3 * m.in_features + 2 * lora.r) for m in modules) if lora.dropout > 0 else 0
     kept_layers = 1 if training.gradient_checkpointing else text.num_hidden_layers
-    lora_act = b * s * per_wrapped * kept_layers / max(1, text.num_hidden_layers)
+    lora_act = sequences * s * per_wrapped * kept_layers / max(1, text.num_hidden_layers)
     largest = max((m.in_features * m.out_features for m in modules), default=0)  # QLoRA dequantizes one at a time
     numels = [p.numel() for p in trainable]
     const_bits = (8 / 64 + 32 / (64 * 256)) if quantization.double_quant else 32 / 64  # blocksize 64
     nf4_weights = quantized * (0.5 + const_bits / 8) + (base_params - quantized) * 2
     raw = {
         # mixed precision: bf16 weights and grads, fp32 master copy (counted as optimizer state) and fp32 m, v
-        "full_bf16_adamw": (2 * base_params, 2 * base_params, 12 * base_params, layer_act + logits),
-        "lora_bf16": (2 * base_params + 4 * trainable_params, 4 * trainable_params,
-                      optimizer_bytes(training.optim, numels, 4), layer_act + logits + lora_act),
-        "qlora_nf4": (nf4_weights + 2 * trainable_params, 2 * trainable_params,
-                      optimizer_bytes(training.optim, numels, 2), layer_act + logits + lora_act + 2 * largest),
+        "full_bf16_adamw": (2 * base_params + reference_full, 2 * base_params, 12 * base_params,
+                            layer_act + logits + reference_act),
+        "lora_bf16": (2 * base_params + 4 * trainable_params + reference_adapter, 4 * trainable_params,
+                      optimizer_bytes(training.optim, numels, 4), layer_act + logits + lora_act + reference_act),
+        "qlora_nf4": (nf4_weights + 2 * trainable_params + reference_adapter, 2 * trainable_params,
+                      optimizer_bytes(training.optim, numels, 2),
+                      layer_act + logits + lora_act + 2 * largest + reference_act),
     }
     memory = {mode: dict(zip(COMPONENTS, (round(x / GIB, 3) for x in parts), strict=True)) | {
         "total": round(sum(parts) / GIB, 3)} for mode, parts in raw.items()}
@@ -190,8 +207,13 @@ def build_plan(architecture: PretrainedConfig, lora: LoraSettings, training: Tra
         f"{const_bits:.3f} bits/param of constants), head/embeddings/norms bf16, bf16 adapter (SFTTrainer's cast)",
         f"adapter optimizer: {training.optim}; 8-bit states 2 bytes/param, torch AdamW 2x the param dtype",
         f"batch {b} x {s} tokens (max_length, no packing), gradient checkpointing "
-        f"{'on' if training.gradient_checkpointing else 'off'}; logits b·s·V fp32 = {logits / GIB:.2f} GiB counted, "
-        f"the loss backward's transient fp32 b·s·V buffers (~{2 * logits / GIB:.1f} GiB more) not counted",
+        f"{'on' if training.gradient_checkpointing else 'off'}; "
+        + (f"DPO: {b} pairs = {sequences} sequences through the policy and the reference (no grad, one layer's "
+           f"activations more: {reference_act / GIB:.2f} GiB); TRL's fused log-prob head: fp32 tiles of "
+           f"{logits / GIB:.2f} GiB instead of the logits; the reference: a second bf16 model (full), the base with "
+           "adapters off, or the starting adapter's fp32 copy (training.init_from)" if dpo else
+           f"logits b·s·V fp32 = {logits / GIB:.2f} GiB counted, the loss backward's transient fp32 b·s·V buffers "
+           f"(~{2 * logits / GIB:.1f} GiB more) not counted"),
         f"fits: total <= GPU memory x (1 - {share:g} serving share) - {MARGIN_GIB:g} GiB (CUDA context, "
         "fragmentation); the serving share is serving.gpu_memory_utilization when serving is enabled and the model is "
         "not on the CPU (vLLM beside the training on one GPU); paged optimizers can spill to CPU; T4 has no bf16 "
@@ -204,7 +226,7 @@ def build_plan(architecture: PretrainedConfig, lora: LoraSettings, training: Tra
         target_modules=[m.name for m in modules], trainable_params=trainable_params, base_params=base_params,
         total_params=total_params, trainable_percent=100 * trainable_params / total_params, modules=modules,
         other_trainable_params=trainable_params - sum(m.total for m in modules), adapter_dtype=adapter_dtype,
-        adapter_bytes=adapter_bytes, batch_size=b, max_length=s,
+        adapter_bytes=adapter_bytes, method=training.method, batch_size=b, sequences_per_batch=sequences, max_length=s,
         gradient_checkpointing=training.gradient_checkpointing, optim=training.optim,
         double_quant=quantization.double_quant, memory_gib=memory, serving_share=share, gpu_gib=gpu_gib, fits=fits,
         assumptions=assumptions,
@@ -238,8 +260,10 @@ def format_plan(plan: TrainingPlan) -> str:
     if plan.other_trainable_params:
         lines.append(f"{'other':<49}{plan.other_trainable_params:>14,}")
     lines.append(f"{'sum':<49}{plan.trainable_params:>14,}")
-    lines += ["", f"memory estimate, GiB (batch {plan.batch_size} x {plan.max_length} tokens, gradient checkpointing "
-              f"{'on' if plan.gradient_checkpointing else 'off'}, optimizer {plan.optim})",
+    per_batch = (f"{plan.batch_size} pairs = {plan.sequences_per_batch} sequences" if plan.method == "dpo"
+                 else str(plan.batch_size))
+    lines += ["", f"memory estimate, GiB ({plan.method}, batch {per_batch} x {plan.max_length} tokens, gradient "
+              f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}, optimizer {plan.optim})",
               f"{'mode':<17}" + "".join(f"{c:>12}" for c in (*COMPONENTS, "total")) + "  fits"]
     for mode, parts in plan.memory_gib.items():
         fits = [gpu for gpu, modes in plan.fits.items() if mode in modes]

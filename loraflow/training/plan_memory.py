@@ -14,6 +14,8 @@ GIB = 1024**3
 GPUS_MIB = {"T4 16 GB": 15360, "L4 24 GB": 23034, "A10 24 GB": 23028, "L40S 48 GB": 46068, "A100 80 GB": 81920,
             "H100 80 GB": 81559, "H200 141 GB": 143771}
 MARGIN_GIB = 1.0
+# TRL 1.16's fused log-prob head (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, kernels' TOKEN_CHUNK_SIZE).
+FUSED_TOKENS, FUSED_VOCAB = 4096, 32768
 
 
 def serving_share(job: JobConfig) -> float:
@@ -56,6 +58,16 @@ def optimizer_bytes(optim: str, numels: list[int], param_bytes: int) -> float:
     return 2.0 * param_bytes * sum(numels)
 
 
+def layer_bytes(batch: int, seq: int, hidden: int, heads: int) -> float:
+    """What one transformer layer keeps for backward, 16-bit: s·b·h·(34 + 5·a·s/h) (see `activation_bytes`)."""
+    return seq * batch * hidden * (34 + 5 * heads * seq / hidden)
+
+
+def fused_head_bytes(tokens: int, vocab: int) -> float:
+    """TRL's fused LM head (DPO) projects `FUSED_TOKENS` x `FUSED_VOCAB` fp32 tiles instead of the b·s·V logits."""
+    return 4.0 * min(tokens, FUSED_TOKENS) * min(vocab, FUSED_VOCAB)
+
+
 def activation_bytes(batch: int, seq: int, hidden: int, layers: int, heads: int, vocab: int,
                      checkpointing: bool) -> tuple[float, float]:
     """(layer activations, logits) in bytes, an estimate with 16-bit activations.
@@ -65,6 +77,6 @@ def activation_bytes(batch: int, seq: int, hidden: int, layers: int, heads: int,
     attention scores, softmax and its dropout in eager attention). With gradient checkpointing only each layer's
     input survives (L·2·s·b·h) plus one layer being recomputed in backward; without it, all L layers. The loss reads
     the logits upcast to fp32: b·s·V·4 bytes, which a 152k vocabulary makes large."""
-    per_layer = seq * batch * hidden * (34 + 5 * heads * seq / hidden)
+    per_layer = layer_bytes(batch, seq, hidden, heads)
     kept = layers * 2 * seq * batch * hidden + per_layer if checkpointing else layers * per_layer
     return kept, 4.0 * batch * seq * vocab

@@ -25,6 +25,7 @@ from transformers import set_seed
 from loraflow import paths
 from loraflow.base.load import load_tokenizer
 from loraflow.config.job import JobConfig
+from loraflow.data.format_chat import PAIR_COLUMNS
 from loraflow.data.keys import chat_key, dataset_key
 from loraflow.hub import RevisionError
 from loraflow.outputs import load_result
@@ -86,13 +87,20 @@ def random_rows(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
 
 
 def synthetic_chat(rows: list[list[int]], job: JobConfig, out_dir: Path) -> ChatResult:
-    """The rows as the chat step writes them (tokenized/ with input_ids and assistant_masks), every token labeled."""
-    masks = [[1] * len(row) for row in rows]
-    DatasetDict({"train": Dataset.from_dict({"input_ids": rows, "assistant_masks": masks})}).save_to_disk(
-        str(out_dir / "tokenized"))
+    """The rows as the chat step writes them (tokenized/ with input_ids and assistant_masks), every token labeled;
+    for a DPO job, pairs: each row's first half the prompt, its second half both answers (the chosen one reversed),
+    so each of a pair's two sequences is the row's length."""
+    if job.training.method == "dpo":
+        halves = [(row[: len(row) // 2], row[len(row) // 2 :]) for row in rows]
+        columns = dict(zip(PAIR_COLUMNS, ([p for p, _ in halves], [a[::-1] for _, a in halves],
+                                          [a for _, a in halves]), strict=True))
+        tokens = 2 * sum(map(len, rows))
+    else:
+        columns, tokens = {"input_ids": rows, "assistant_masks": [[1] * len(row) for row in rows]}, sum(map(len, rows))
+    DatasetDict({"train": Dataset.from_dict(columns)}).save_to_disk(str(out_dir / "tokenized"))
     return ChatResult(key="probe", path=str(out_dir), dataset_sha="probe",
                       template_sha=template_sha(job.model.chat_template),
-                      stats={"train_rows": len(rows), "train_tokens": sum(map(len, rows))})
+                      stats={"train_rows": len(rows), "train_tokens": tokens})
 
 
 def measure(job: JobConfig, rows: list[list[int]], tracking: Tracking | None = None) -> Measurement:
@@ -118,7 +126,7 @@ def measure(job: JobConfig, rows: list[list[int]], tracking: Tracking | None = N
     gpu_mb = result.metrics.get("peak_gpu_allocated_mb")
     return Measurement(
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        attn_implementation=attn_implementation_for(job.model, device, padding_free=training.padding_free),
+        attn_implementation=attn_implementation_for(job.model, device, padding_free=training.padding_free_batches),
         steps=steps, tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, seconds_per_step=seconds / steps,
         train_loss=result.metrics["train_loss"],
         peak_gib=(gpu_mb if gpu_mb is not None else result.metrics["peak_rss_mb"]) / 1024,
@@ -161,7 +169,7 @@ def probe_job(job: JobConfig, steps: int, rows: int | None = None, tracking: Tra
     chat = None if rows is not None else built_chat(job)
     if chat is not None:
         rows, source = chat.stats["train_rows"], "built dataset"
-        fill = chat.stats["train_tokens"] / rows / training.max_length if training.padding_free else 1.0
+        fill = chat.stats["train_tokens"] / rows / training.max_length if training.padding_free_batches else 1.0
     else:
         source, fill = ("--rows" if rows is not None else "unknown"), 1.0
     total = job_steps(job, rows) if rows is not None else None

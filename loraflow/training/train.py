@@ -1,4 +1,5 @@
-"""train: QLoRA (or plain LoRA) SFT with TRL's SFTTrainer on the tokenized conversations.
+"""train: QLoRA (or plain LoRA) with TRL's SFTTrainer on the tokenized conversations, or, for `training.method: dpo`,
+with TRL's DPOTrainer on the tokenized preference pairs (loraflow/training/dpo.py).
 
 Checkpoints go to the step's own content-addressed directory, so a rerun after a crash with the same inputs
 finds them and resumes from the last one instead of starting over.
@@ -15,82 +16,23 @@ from typing import Any
 
 import torch
 from datasets import load_from_disk
-from peft import LoraConfig
-from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from transformers import Trainer, TrainerCallback
+from trl import SFTTrainer
 
 from loraflow.base.load import load_tokenizer
 from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
-from loraflow.hashing import sha_of_files
 from loraflow.outputs import write_json
-from loraflow.results import ChatResult, TrainResult
+from loraflow.registry.download import ADAPTER_FILES, adapter_sha
+from loraflow.results import ChatResult, ParentVersion, TrainResult
+from loraflow.training.arguments import peft_config, trainer_config
 from loraflow.training.distributed import WorkerInputs, is_distributed, launch_workers, uses_fsdp
+from loraflow.training.dpo import dpo_trainer, drop_reference, preference_metrics
 from loraflow.training.live_metrics import LiveMetrics, Tracking, system_metrics, training_run
-from loraflow.training.models import device_for, dtype_for, load_base_model
+from loraflow.training.models import device_for, load_base_model
 
 log = logging.getLogger(__name__)
-
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-
-
-def peft_config(lora: LoraSettings) -> LoraConfig:
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.peft_targets,
-        bias=lora.bias,
-        task_type="CAUSAL_LM",
-    )
-
-
-def sft_arguments(training: TrainingConfig, model: ModelConfig, output_dir: Path) -> dict[str, Any]:
-    """Everything SFTConfig gets, as plain values: what a CPU test asserts for the CUDA config (SFTConfig itself
-    refuses bf16 on a machine without a GPU)."""
-    device = device_for(model)
-    dtype = dtype_for(model.dtype, device)
-    return dict(
-        output_dir=str(output_dir),
-        num_train_epochs=training.epochs,
-        max_steps=training.max_steps,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=training.warmup_steps,
-        weight_decay=training.weight_decay,
-        per_device_train_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        gradient_checkpointing=training.gradient_checkpointing,
-        # Non-reentrant checkpointing: the reentrant one loses the LoRA gradients of a frozen 4-bit base and breaks
-        # under DDP.
-        gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
-        optim=training.optim,
-        # Rows over max_length were dropped by format_chat; padding-free batches require that TRL leaves them as is.
-        max_length=None if training.padding_free and not training.packing else training.max_length,
-        packing=training.packing,
-        padding_free=training.padding_free,
-        logging_steps=training.logging_steps,
-        save_strategy="steps",
-        save_steps=training.save_steps,
-        save_total_limit=training.save_total_limit,
-        seed=training.seed,
-        data_seed=training.seed,
-        report_to="none",  # the register step logs to MLflow
-        use_cpu=device == "cpu",
-        # Mixed precision follows the model's dtype on a GPU (bf16 where the GPU has it, fp16 on a T4).
-        bf16=device == "cuda" and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16,
-        dataloader_num_workers=0,
-        # Under DDP: every LoRA parameter gets a gradient each step, and searching for unused ones costs a graph walk
-        # per step (and errors with non-reentrant checkpointing).
-        ddp_find_unused_parameters=False,
-        disable_tqdm=False,
-    )
-
-
-def sft_config(training: TrainingConfig, model: ModelConfig, output_dir: Path) -> SFTConfig:
-    return SFTConfig(**sft_arguments(training, model, output_dir))
 
 
 class StepTimer(TrainerCallback):
@@ -131,49 +73,56 @@ def peak_gpu_mb(device: str) -> dict[str, float]:
 
 
 def train_adapter(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
-                  training: TrainingConfig, out_dir: Path, key: str, tracking: Tracking | None = None) -> TrainResult:
+                  training: TrainingConfig, out_dir: Path, key: str, tracking: Tracking | None = None,
+                  parent: ParentVersion | None = None) -> TrainResult:
     """Train (or resume) the adapter in `out_dir`: in this process, or on `training.num_processes` workers that
     `accelerate launch` starts (loraflow/training/distributed.py), each running `train_here`. With `tracking`, the
-    MLflow run shows it live (loraflow/training/live_metrics.py) and the result names the run."""
+    MLflow run shows it live (loraflow/training/live_metrics.py) and the result names the run. `parent`: the
+    version a DPO job starts from, as the pre-flight pinned it."""
     if is_distributed(training):
         return launch_workers(WorkerInputs(chat=chat, model=model, lora=lora, quant=quant, training=training,
-                                           out_dir=str(out_dir), key=key, tracking=tracking))
-    result = train_here(chat, model, lora, quant, training, out_dir, key, tracking)
+                                           out_dir=str(out_dir), key=key, tracking=tracking, parent=parent))
+    result = train_here(chat, model, lora, quant, training, out_dir, key, tracking, parent)
     assert result is not None  # a single process is rank 0
     return result
 
 
+def method_trainer(training: TrainingConfig, base: Any, args: Any, train: Any, tokenizer: Any, lora: LoraSettings,
+                   parent: ParentVersion | None, callbacks: list[TrainerCallback]) -> Trainer:
+    """SFTTrainer with a new adapter of `lora`'s shape, or the DPO trainer (loraflow/training/dpo.py)."""
+    if training.method == "dpo":
+        return dpo_trainer(base, args, train, tokenizer, lora, parent, callbacks)
+    return SFTTrainer(model=base, args=args, train_dataset=train, processing_class=tokenizer,
+                      peft_config=peft_config(lora), callbacks=callbacks)
+
+
 def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: QuantizationConfig,
-               training: TrainingConfig, out_dir: Path, key: str, tracking: Tracking | None = None
-               ) -> TrainResult | None:
+               training: TrainingConfig, out_dir: Path, key: str, tracking: Tracking | None = None,
+               parent: ParentVersion | None = None) -> TrainResult | None:
     """The training itself, in this process as one rank of however many there are (WORLD_SIZE, set by
     `accelerate launch`). Rank 0 alone logs to MLflow, saves the adapter and returns the result; the others
     return None."""
-    args = sft_config(training, model, out_dir / "checkpoints")
+    args = trainer_config(training, model, out_dir / "checkpoints")
     main = args.process_index == 0  # reading it sets up the process group under `accelerate launch`
     tokenizer = load_tokenizer(model)
     data = load_from_disk(chat.tokenized_dir)
     reset_gpu_peak(device_for(model))
     base = load_base_model(model, quant, quantized=True, fsdp=uses_fsdp(training),
-                           padding_free=training.padding_free)
+                           padding_free=training.padding_free_batches)
     resume_from = last_complete_checkpoint(Path(args.output_dir))
     if resume_from and main:
         log.info("resuming training from %s", resume_from)
     timer = StepTimer()
     run_id = training_run(tracking, out_dir, world_size=args.world_size) if tracking and main else None
-    trainer = SFTTrainer(
-        model=base,
-        args=args,
-        train_dataset=data["train"],
-        processing_class=tokenizer,
-        peft_config=peft_config(lora),
-        callbacks=[timer, *([LiveMetrics(tracking.uri, run_id)] if tracking and run_id else [])],
-    )
+    trainer = method_trainer(training, base, args, data["train"], tokenizer, lora, parent,
+                             [timer, *([LiveMetrics(tracking.uri, run_id)] if tracking and run_id else [])])
     with system_metrics(tracking.uri, run_id) if tracking and run_id else contextlib.nullcontext():
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     elapsed = time.perf_counter() - timer.started
 
     adapter_dir = out_dir / "adapter"
+    if training.method == "dpo":
+        drop_reference(trainer)
     if trainer.is_fsdp_enabled:  # the adapter is saved whole, not as shards (PEFT's FSDP-QLoRA recipe)
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(adapter_dir))  # the adapter and the tokenizer, written by rank 0 only
@@ -185,7 +134,7 @@ def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: 
     history = trainer.state.log_history
     write_json(out_dir / "log_history.json", history)
     losses = [entry["loss"] for entry in history if "loss" in entry]
-    # Every process trains on its own batches: one optimizer step sees world_size of them.
+    # Every process trains on its own batches: one optimizer step sees world_size of them (DPO: pairs).
     examples_per_step = training.batch_size * training.gradient_accumulation_steps * args.world_size
     tokens_per_step = chat.stats["train_tokens"] / max(1, len(data["train"])) * examples_per_step
     metrics = {
@@ -204,8 +153,9 @@ def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: 
         **peak_gpu_mb(device_for(model)),
         "trainable_params": float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
         "adapter_bytes": float(sum((adapter_dir / f).stat().st_size for f in ADAPTER_FILES)),
+        **preference_metrics(history),
     }
     write_json(out_dir / "train_metrics.json", metrics)
     log.info("train: %s", metrics)
-    adapter_sha = sha_of_files([adapter_dir / f for f in ADAPTER_FILES], root=adapter_dir)
-    return TrainResult(key=key, path=str(out_dir), adapter_sha=adapter_sha, metrics=metrics, run_id=run_id)
+    return TrainResult(key=key, path=str(out_dir), adapter_sha=adapter_sha(adapter_dir), metrics=metrics,
+                       run_id=run_id)

@@ -42,7 +42,7 @@ def main(inputs_file: str) -> None:
     inputs = WorkerInputs.model_validate_json(Path(inputs_file).read_text())
     out_dir = Path(inputs.out_dir)
     result = train_here(inputs.chat, inputs.model, inputs.lora, inputs.quant, inputs.training, out_dir,
-                        inputs.key, inputs.tracking)
+                        inputs.key, inputs.tracking, inputs.parent)
     if result is not None:
         tmp = out_dir / f".{RESULT_FILE}"
         tmp.write_text(result.model_dump_json(indent=2))

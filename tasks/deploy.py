@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from prefect import get_run_logger, task
 
 from loraflow.config.job import JobConfig
-from tasks.prefect_glue import accelerator, retry_transient
+from loraflow.localstack.prefect_api import accelerator
+from tasks.prefect_glue import retry_transient
 
 if TYPE_CHECKING:  # the serving code imports torch: load it only when deploying
     from loraflow.serving.reconcile import ReconcileReport

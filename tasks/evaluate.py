@@ -4,9 +4,10 @@ from loraflow.config.evaluation import EvalConfig
 from loraflow.config.lora import QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.evaluation.keys import eval_key
+from loraflow.localstack.prefect_api import accelerator
 from loraflow.outputs import run_step
 from loraflow.results import ChatResult, EvalResult, ParentVersion, TrainResult
-from tasks.prefect_glue import accelerator, step_cache
+from tasks.prefect_glue import step_cache
 
 
 @task(name="evaluate", **step_cache("evaluate", eval_key))

@@ -8,9 +8,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from loraflow.config.job import JobConfig
+from loraflow.localstack.prefect_api import accelerator
 from loraflow.registry.promote import CHAMPION, PromotionDecision
 from loraflow.results import MergeResult, RegisteredVersion, TrainResult
-from tasks.prefect_glue import accelerator
 
 
 # No Prefect cache: the content-addressed step directory already makes a repeat cheap, and the merged model must

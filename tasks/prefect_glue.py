@@ -6,31 +6,22 @@ know nothing of Prefect.
 from __future__ import annotations
 
 import inspect
-import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, PREFECT_UI_URL
 from pydantic import ValidationError
 
 from loraflow.errors import InputError
 from loraflow.evaluation.comparison import comparison_table
-from loraflow.localstack.prefect_api import ACCELERATOR_LIMIT, ensure_limit
+from loraflow.localstack.prefect_api import run_logger
 from loraflow.outputs import is_done
 from loraflow.registry.client import run_url
-
-# A killed run keeps its slot until the lease expires; a short lease lets its retry start soon after.
-# The lease is renewed in the background while the work runs, so long trainings are unaffected.
-LEASE_SECONDS = 60
 
 
 def step_cache(step: str, key_fn: Callable[..., str]) -> dict[str, Any]:
@@ -71,40 +62,9 @@ def retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:
     """`retry_condition_fn` of every task with retries: Prefect hands it the failed state holding the exception."""
     error = state.data
     if isinstance(error, BaseException) and not is_transient(error):
-        _logger().info("not retried (%s: the same on every attempt): %s", type(error).__name__, error)
+        run_logger().info("not retried (%s: the same on every attempt): %s", type(error).__name__, error)
         return False
     return True
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
-
-
-@contextmanager
-def holding(limit: str, timeout_seconds: float | None = None) -> Iterator[None]:
-    """Hold a slot of the global concurrency limit `limit` for the body; waits (forever by default) while others
-    hold every slot.
-
-    Prefect only counts slots against a limit that exists, and with `strict=False` a missing limit silently
-    lets everyone through: so the limit is created on first use (size 1) and taken with `strict=True`.
-    """
-    ensure_limit(limit)
-    logger = _logger()
-    logger.info("Waiting for concurrency slot %r", limit)
-    # A transient failure to renew the lease must not kill hours of training: keep going.
-    with concurrency(limit, occupy=1, timeout_seconds=timeout_seconds, lease_duration=LEASE_SECONDS,
-                     strict=True, raise_on_lease_renewal_failure=False):
-        logger.info("Holding concurrency slot %r", limit)
-        yield
-    logger.info("Released concurrency slot %r", limit)
-
-
-def accelerator(timeout_seconds: float | None = None) -> AbstractContextManager[None]:
-    """Hold the machine's accelerator for the body; waits (forever by default) while another run holds it."""
-    return holding(ACCELERATOR_LIMIT, timeout_seconds)
 
 
 def prefect_flow_run_url(flow_run_id: str) -> str | None:
@@ -133,7 +93,7 @@ def artifact_key(name: str) -> str:
 def report_step(summary: list[str], warnings: list[str], description: str) -> None:
     """A step's summary in the run's log and as a markdown artifact of its task run, its warnings as log warnings
     (the Prefect UI shows them in the flow run's log) and at the top of the artifact."""
-    logger = _logger()
+    logger = run_logger()
     logger.info("\n".join(summary))
     for warning in warnings:
         logger.warning(warning)

@@ -1,5 +1,5 @@
 """Prefect tasks: score the served version and compare it with what the gate judged (the finetune flow after its
-deploy, the `parity` flow for a champion a `serve` run routed), and announce such a champion to `parity/<job>`."""
+deploy, the `parity` flow for a champion a serving pass routed: loraflow/localstack/serving_pass.py)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,17 @@ from typing import TYPE_CHECKING
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.events import emit_event
 
 from loraflow.config.job import JobConfig
+from loraflow.localstack.prefect_api import holding
 from loraflow.results import RegisteredVersion
-from loraflow.serving.names import version_of, versioned_name
-from tasks.prefect_glue import artifact_key, holding, retry_transient
+from loraflow.serving.names import versioned_name
+from tasks.prefect_glue import artifact_key, retry_transient
 
 if TYPE_CHECKING:  # lm-eval and the serving code load on use
     from loraflow.evaluation.served_parity import ParityReport
-    from loraflow.serving.reconcile import ReconcileReport
     from loraflow.serving.records import ServedNow
 
-# What a `serve` run emits after routing a champion not checked yet; deployments/prefect.yaml triggers
-# `parity/<job>` on it (the check takes minutes: inside the serve run it would hold up the next alias move).
-CHAMPION_ROUTED = "loraflow.champion.routed"
 
 
 # Not cached: it measures the running servers; the plain function skips a version already checked under the same
@@ -88,25 +84,3 @@ def promoted_version(job: JobConfig, version: str) -> RegisteredVersion:
     from loraflow.registry.register import registered_version
 
     return registered_version(job.registry, job.registry.model_name, version)
-
-
-@task(name="announce_champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
-      retry_condition_fn=retry_transient)
-def announce_champion(job: JobConfig, served: ReconcileReport | None) -> str | None:
-    """After a reconcile pass that pointed the stable name at a version with no parity verdict under this serving
-    set-up, emit CHAMPION_ROUTED for it; returns that version. A pass that routed nothing new (every polling pass
-    in between) emits nothing, so `parity/<job>` runs once per new champion."""
-    from loraflow.evaluation.served_parity import parity_verdict
-
-    model = job.registry.model_name
-    if served is None or not served.rerouted or model not in served.routes or not job.checks_served_parity:
-        return None
-    version = version_of(model, served.routes[model])
-    if version is None or parity_verdict(job, model, version) is not None:
-        return None
-    emit_event(event=CHAMPION_ROUTED, resource={"prefect.resource.id": f"loraflow.served-model.{model}",
-                                                "prefect.resource.name": model},
-               payload={"version": version, "served_name": served.routes[model]})
-    get_run_logger().info("%s now answers as %s, not parity-checked yet: %s emitted for parity/%s", model,
-                          served.routes[model], CHAMPION_ROUTED, job.name)
-    return version

@@ -7,12 +7,13 @@ from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.registry import RegistryConfig
 from loraflow.config.training import TrainingConfig
+from loraflow.localstack.prefect_api import accelerator
 from loraflow.outputs import run_step
 from loraflow.registry.client import tracking_uri
 from loraflow.results import ChatResult, ParentVersion, TrainResult
 from loraflow.training.keys import train_key
 from loraflow.training.loss_check import loss_warning
-from tasks.prefect_glue import accelerator, retry_transient, step_cache
+from tasks.prefect_glue import retry_transient, step_cache
 
 
 # A retry (or a retried flow run) finds the checkpoints in the step's directory and resumes from the last one.

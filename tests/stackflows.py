@@ -13,7 +13,8 @@ from prefect import flow, task
 from prefect.runtime import flow_run
 
 from loraflow import paths
-from tasks.prefect_glue import accelerator, prefect_run_tags, publish_mlflow_run
+from loraflow.localstack.prefect_api import accelerator
+from tasks.prefect_glue import prefect_run_tags, publish_mlflow_run
 
 PROBE_METRICS = {"base/perplexity": 9.0, "tuned/perplexity": 7.5, "train/loss": 1.25}
 

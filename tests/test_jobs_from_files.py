@@ -40,7 +40,8 @@ def test_a_job_that_is_not_served_gets_its_finetune_only(tmp_path: Path) -> None
 def test_the_shipped_configs_are_the_jobs_and_the_generated_file_deploys_them(tmp_path: Path) -> None:
     stack = Stack(home=tmp_path)
     files = jobs.job_files(stack)
-    assert [f.name for f in files] == ["banking77-qwen1.5b.yaml", "qwen-ko.yaml", "tiny-intent.yaml", "tiny-ko.yaml"]
+    assert [f.name for f in files] == ["banking77-qwen1.5b.yaml", "qwen-ko-dpo.yaml", "qwen-ko.yaml",
+                                       "tiny-intent.yaml", "tiny-ko-dpo.yaml", "tiny-ko.yaml"]
     found, errors = jobs.read_jobs(files)
     assert errors == []
     document = yaml.safe_load(jobs.write_prefect_file(stack, PREFECT_FILE, found, []).read_text())

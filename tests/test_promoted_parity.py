@@ -16,11 +16,11 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from loraflow.config import load_config
 from loraflow.evaluation.served_parity import DETAIL_TAG, KEY_TAG, PARITY_TAG, parity_key
 from loraflow.localstack.running import TINY_KO, set_alias_like_the_ui, stable_root
+from loraflow.localstack.serving_pass import CHAMPION_ROUTED
 from loraflow.process import wait_for
 from loraflow.registry.client import client_at
 from loraflow.registry.register import register_adapter
 from loraflow.serving.names import versioned_name
-from tasks.served_parity import CHAMPION_ROUTED
 from tests.fixtures import TERMINAL, TINY_CONFIG, TINY_OVERRIDES, RunningStack
 
 pytestmark = pytest.mark.slow

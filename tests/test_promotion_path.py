@@ -1,6 +1,6 @@
 """A person's promotion reaches serving with nobody running a command: MLflow REST alias move (what the UI calls) ->
-MLflow webhook -> loraflow's receiver -> Prefect event -> the stack's reconciler -> a `serve` pass (a flow run the
-Prefect UI lists) -> the job's stable name on the endpoint. Two moves 3 s apart end on the last; two jobs moved at
+MLflow webhook -> loraflow's receiver -> Prefect event -> the stack's reconciler -> a pass (recorded as a Prefect
+event the UI lists) -> the job's stable name on the endpoint. Two moves 3 s apart end on the last; two jobs moved at
 once both get there; the drift check gets there with the receiver down; a job file added to configs/ is deployed,
 served and retired; a SIGKILLed vLLM comes back; a reconciler and a worker killed mid-pass leave nothing waiting
 once `loraflow up` has run. Real local stack and real vLLM; the tests run in file order on one endpoint.
@@ -20,8 +20,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, Fl
 from prefect.client.schemas.objects import StateType
 
 from loraflow.localstack.lifecycle import recorded_process
-from loraflow.localstack.prefect_api import RECONCILER_TAG
 from loraflow.localstack.running import set_alias_like_the_ui, stable_root
+from loraflow.localstack.serving_pass import SERVING_PASS
 from loraflow.process import stop_process, wait_for
 from loraflow.registry.client import client_at
 from loraflow.serving.names import versioned_name
@@ -62,12 +62,20 @@ def alias_events(stack: RunningStack, model: str, since: datetime) -> list[dict]
     return sorted(events, key=lambda event: event["occurred"])
 
 
-def reconciler_runs(stack: RunningStack, since: datetime) -> dict[str, str]:
-    """The reconciler's `serve` passes since `since`: flow run name -> state."""
+def serving_passes(stack: RunningStack, model: str, since: datetime) -> list[dict]:
+    """The reconciler's recorded passes of `model` since `since` (Prefect events, as the UI's event feed shows
+    them): each one's payload, oldest first."""
     with stack.client() as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags={"all_": [RECONCILER_TAG]},
-                                                                   start_time={"after_": since}))
-    return {run.name: run.state.name if run.state else "?" for run in runs}
+        events = client.request("POST", "/events/filter", json={"filter": {
+            "event": {"name": [SERVING_PASS]}, "resource": {"id": [f"loraflow.served-model.{model}"]},
+            "occurred": {"since": since.isoformat()}}, "limit": 50}).json()["events"]
+    return [event["payload"] for event in sorted(events, key=lambda event: event["occurred"])]
+
+
+def wait_for_passes(stack: RunningStack, since: datetime, count: int) -> list[dict]:
+    """The recorded passes of tiny-ko once there are `count` (events are sent in the background)."""
+    wait_for(lambda: len(serving_passes(stack, MODEL, since)) >= count, 60)
+    return serving_passes(stack, MODEL, since)
 
 
 def answers(url: str, model: str) -> str | None:
@@ -86,13 +94,14 @@ def test_alias_moves_through_mlflow_rest_reach_the_stable_name(local_stack: Runn
         set_alias_like_the_ui(local_stack, version)
         seconds.append(wait_for(lambda v=version: stable_root(stack_endpoint) == versioned_name(MODEL, v), 180))
     print(f"[timing] alias set -> stable name serving it: {seconds}")
-    # Each move went through the event path: one event per move, and a recorded `serve` pass named after it that
-    # completed (the Prefect UI lists it); no automation action failed.
+    # Each move went through the event path: one alias event per move, and a recorded pass named after it that
+    # routed it (the Prefect UI's event feed lists them); no automation action failed.
     assert [e["resource"]["mlflow.version"] for e in alias_events(local_stack, MODEL, since)] == versions
-    runs = reconciler_runs(local_stack, since)
-    print("[serve passes]", runs)
+    passes = wait_for_passes(local_stack, since, len(versions))
+    print("[serving passes]", [(p["why"], p["routes"], p["seconds"]) for p in passes])
     for version in versions:
-        assert runs.get(f"{MODEL}: champion -> v{version}") == "Completed", runs
+        assert {MODEL: versioned_name(MODEL, version)} in [p["routes"] for p in passes
+                                                           if p["why"] == f"champion -> v{version}"], passes
     with local_stack.client() as client:
         failed = client.request("POST", "/events/filter", json={
             "filter": {"event": {"name": ["prefect.automation.action.failed"]}}, "limit": 10}).json()["events"]
@@ -183,7 +192,7 @@ def test_a_reconciler_and_a_worker_killed_mid_pass_leave_nothing_waiting(local_s
     held = local_stack.cli("prefect", "deployment", "run", "stack-probe/hold", "--param", "seconds=600").stdout
     wait_for(lambda: running(local_stack, since) >= 1, 120)  # the worker's run holds the accelerator
     set_alias_like_the_ui(local_stack, versions[0])
-    wait_for(lambda: any(n.startswith(f"{MODEL}: champion") for n in reconciler_runs(local_stack, since)), 60)
+    wait_for_passes(local_stack, since, 1)
     for name in ("reconciler", "worker"):  # SIGKILL, the whole family: nothing of them gets to clean up
         leader = recorded_process(local_stack.stack, name)
         assert leader is not None

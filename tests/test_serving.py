@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flows.serve import serve
+from loraflow.localstack.serving_pass import serve_pass
 from loraflow.process import wait_for
 from loraflow.serving.client import ServerClient
 from loraflow.serving.names import base_name, versioned_name
@@ -230,14 +230,13 @@ def test_challenger_is_served_under_its_version_only_and_rollback_is_an_alias_mo
     assert (again.canaries, again.unloaded, again.routes) == ([], [], {MODEL: v_a})
 
 
-def test_serve_flow_reconciles_the_running_servers(served: ServedJobs, reg: RegistryFixture,
-                                                   registry: dict[str, str]) -> None:
-    """The Prefect flow `serve` (what the stack's reconciler runs per alias move) moves the stable name."""
+def test_a_serving_pass_moves_the_stable_name_of_the_running_servers(served: ServedJobs, reg: RegistryFixture,
+                                                                     registry: dict[str, str]) -> None:
+    """The pass the stack's reconciler runs per alias move (and `loraflow serve`): attaches, never starts."""
     reg.set_alias("champion", registry["b"])
-    summary = serve(config=str(Path("configs/tiny-ko.yaml").resolve()), overrides=served.overrides(reg), start=False,
-                    reason="test")
+    report = serve_pass("configs/tiny-ko.yaml", served.overrides(reg), start=False, why="test")
     v_b = versioned_name(MODEL, registry["b"])
-    assert summary["routes"] == {MODEL: v_b}
+    assert report is not None and report.routes == {MODEL: v_b}
     assert served.chat(MODEL).json()["model"] == v_b
 
 

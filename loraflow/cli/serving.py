@@ -25,22 +25,24 @@ def serve(configs: list[str], stop: bool, follow: bool) -> int:
 
             print("\n".join(stop_job(job)) or f"{job.registry.model_name}: not served")
             continue
-        from flows.serve import serve as serve_flow
+        from loraflow.localstack.serving_pass import serve_pass
         from loraflow.serving.urls import openai_base_url
 
-        report = serve_flow(config=config, reason="loraflow serve")
-        print(f"serving at {openai_base_url(job.serving)}: {job.registry.model_name} on {report.get('server')}, "
-              f"routes {report.get('routes')} loaded {report.get('loaded')}")
+        report = serve_pass(config)
+        if report is None:
+            print(f"{job.registry.model_name}: not served")
+            continue
+        print(f"serving at {openai_base_url(job.serving)}: {job.registry.model_name} on {report.server}, "
+              f"routes {report.routes} loaded {report.loaded}")
     return 0
 
 
 def follow_jobs() -> int:
-    """Until SIGTERM: a `serve` pass (a flow run in this process, recorded in Prefect) for each alias move of a
-    served job, and for each job whose serving drifted from its registry."""
-    from flows.serve import serve as serve_flow
+    """Until SIGTERM: a serving pass (loraflow/localstack/serving_pass.py, recorded as a Prefect event) for each
+    alias move of a served job, and for each job whose serving drifted from its registry."""
     from loraflow.localstack.alias_events import follow_alias_events
     from loraflow.localstack.jobs import deployed_jobs
-    from loraflow.localstack.prefect_api import reconciler_runs
+    from loraflow.localstack.serving_pass import serve_pass
     from loraflow.serving.drift import drift
     from loraflow.serving.follow import FollowedJob, Follower
     from loraflow.serving.records import job_records, read_endpoint
@@ -59,9 +61,7 @@ def follow_jobs() -> int:
         return [job for job in jobs.values() if Path(job.config).is_file()]
 
     def run_pass(job: FollowedJob, why: str, promoted_at: datetime | None) -> None:
-        with reconciler_runs():
-            serve_flow(config=job.config, overrides=job.overrides or None, start=False, promoted_at=promoted_at,
-                       reason=why)
+        serve_pass(job.config, job.overrides, start=False, promoted_at=promoted_at, why=why)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     follower = Follower(jobs=followed, run_pass=run_pass, drift=lambda job: drift(load_config(job.config,

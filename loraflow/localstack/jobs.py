@@ -20,12 +20,12 @@ from typing import Any
 import yaml
 
 from loraflow.config import ConfigError, JobConfig, load_config
+from loraflow.localstack.serving_pass import CHAMPION_ROUTED
 from loraflow.localstack.stack import REPO_ROOT, Stack
 
 CONFIGS = REPO_ROOT / "configs"
 JOBS_FILE = "jobs.json"
 GENERATED_TAG = "loraflow-job"  # on every deployment made here: what `retire` may delete
-CHAMPION_ROUTED = "loraflow.champion.routed"  # tasks/served_parity.py emits it
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from loraflow.config import load_config
 from loraflow.localstack import jobs, postgres, profile, schedules
 from loraflow.localstack.mlflow_auth import PASSWORD_ENV, USERNAME_ENV
 from loraflow.localstack.prefect_api import (
-    RECONCILER_TAG,
     crash_orphaned_runs,
     ensure_pool_and_limits,
     retire_deployments,
@@ -160,7 +159,7 @@ def deploy(stack: Stack, extra: list[str] = (), base_file: Path = PREFECT_FILE) 
 
 def up(stack: Stack, deploy_jobs: bool = True, base_file: Path = PREFECT_FILE) -> dict[str, float]:
     """Start whatever is not running, wait for health, create pool and limits, mark runs left by a crash (a killed
-    worker or reconciler, a reboot) as Crashed, deploy every job (unless `deploy_jobs` is off), start the serving
+    worker, a reboot) as Crashed, deploy every job (unless `deploy_jobs` is off), start the serving
     reconciler and make the `loraflow` Prefect profile active. Returns seconds to healthy for each service started
     now (and `deploy`); what deploying changed is logged to run/schedules.log."""
     for sub in ("prefect", "mlflow"):
@@ -186,9 +185,8 @@ def up(stack: Stack, deploy_jobs: bool = True, base_file: Path = PREFECT_FILE) -
             start_service(stack, "webhook").wait_healthy(60.0)
             timings["webhook"] = time.monotonic() - started
         register_webhook(stack)
-        # What a crash (a killed worker or reconciler, a reboot) left Running is Crashed before anything waits on it.
-        reconciler_gone = recorded_process(stack, "reconciler") is None
-        crash_orphaned_runs(stack.prefect_api_url, RECONCILER_TAG if reconciler_gone else None)
+        # What a crash (a killed worker, a reboot) left Running is Crashed before anything waits on it.
+        crash_orphaned_runs(stack.prefect_api_url)
         if recorded_process(stack, "worker") is None:
             started, since = time.monotonic(), datetime.now(UTC)
             worker = start_service(stack, "worker")
@@ -199,7 +197,7 @@ def up(stack: Stack, deploy_jobs: bool = True, base_file: Path = PREFECT_FILE) -
             changes = deploy(stack, base_file=base_file)
             timings["deploy"] = time.monotonic() - started
             (stack.run_dir / "schedules.log").write_text("\n".join(changes) + "\n")
-        if reconciler_gone:
+        if recorded_process(stack, "reconciler") is None:
             start_service(stack, "reconciler")  # reads what was deployed; alias events of the last minute replay
     except ProcessFailed as error:
         raise StackError(str(error)) from None
@@ -216,7 +214,7 @@ def down(stack: Stack) -> list[int]:
     stopped += _stop_service(stack, "worker")
     if recorded_process(stack, "prefect-server") is not None and answers_within(
             str(stack.service("prefect-server").health_url), RECORDED_HEALTH_S):
-        crash_orphaned_runs(stack.prefect_api_url, RECONCILER_TAG)
+        crash_orphaned_runs(stack.prefect_api_url)
     for name in reversed(SERVICE_ORDER):
         stopped += _stop_service(stack, name)
     return stopped

@@ -4,13 +4,15 @@ the runs of a deployment. The only module under loraflow/ besides the rest of lo
 
 from __future__ import annotations
 
+import logging
 import socket
-from contextlib import AbstractContextManager, suppress
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from datetime import datetime
 from uuid import UUID
 
 import psutil
-from prefect import tags
+from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
 from prefect.client.schemas.filters import (
@@ -21,7 +23,8 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, StateType, WorkerStatus
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
 from prefect.workers.process import ProcessWorker
@@ -30,9 +33,10 @@ POOL = "loraflow"
 WORKER_NAME = "loraflow-local"
 # Training and serving hold a slot of this global concurrency limit, so two never share the device.
 ACCELERATOR_LIMIT = "accelerator"
-# The reconciler runs each serve pass as a flow run of its own process, tagged so that `up`/`down` can tell its
-# runs from others once it is gone.
-RECONCILER_TAG = "loraflow-reconciler"
+# A killed run keeps its slot until the lease expires; a short lease lets its retry start soon after.
+# The lease is renewed in the background while the work runs, so long trainings are unaffected.
+LEASE_SECONDS = 60
+
 
 
 def ensure_limit(name: str = ACCELERATOR_LIMIT, slots: int = 1) -> None:
@@ -95,22 +99,16 @@ def retire_deployments(api_url: str, tag: str, keep: set[str], obsolete_flows: t
     return retired
 
 
-def reconciler_runs() -> AbstractContextManager[None]:
-    """Flow runs started in the body carry RECONCILER_TAG: the serve passes of the stack's reconciler process."""
-    return tags(RECONCILER_TAG)
-
-
-def crash_orphaned_runs(api_url: str, reconciler_tag: str | None) -> list[str]:
-    """Flow runs left Running/Pending by processes that are gone (a stopped or killed worker or reconciler, a
-    reboot) are marked Crashed, so nothing waits on them and the UI tells the truth. Only runs whose process is
-    known to be gone: a worker's (its recorded infrastructure pid is dead) or the stack's reconciler's (called
-    while no reconciler runs)."""
+def crash_orphaned_runs(api_url: str) -> list[str]:
+    """Flow runs left Running/Pending by a worker process that is gone (stopped or killed with the stack, a reboot)
+    are marked Crashed, so nothing waits on them and the UI tells the truth. Only runs whose recorded infrastructure
+    pid is a dead process of this machine: a run of `loraflow run` in some shell is left alone."""
     crashed = []
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         running = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
             type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]))))
         for run in running:
-            if (reconciler_tag is not None and reconciler_tag in (run.tags or [])) or _gone(run.infrastructure_pid):
+            if _gone(run.infrastructure_pid):
                 client.set_flow_run_state(run.id, Crashed(message="its process stopped with the local stack (or "
                                                           "was killed); marked by `loraflow up`/`down`"), force=True)
                 crashed.append(f"{run.name} ({run.id})")
@@ -122,3 +120,35 @@ def _gone(infrastructure_pid: str | None) -> bool:
     longer runs."""
     host, _, pid = (infrastructure_pid or "").rpartition(":")
     return host in ("", socket.gethostname()) and pid.isdigit() and not psutil.pid_exists(int(pid))
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow or task run's logger (its lines reach the Prefect UI), else this module's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+@contextmanager
+def holding(limit: str, timeout_seconds: float | None = None) -> Iterator[None]:
+    """Hold a slot of the global concurrency limit `limit` for the body; waits (forever by default) while others
+    hold every slot.
+
+    Prefect only counts slots against a limit that exists, and with `strict=False` a missing limit silently
+    lets everyone through: so the limit is created on first use (size 1) and taken with `strict=True`.
+    """
+    ensure_limit(limit)
+    logger = run_logger()
+    logger.info("Waiting for concurrency slot %r", limit)
+    # A transient failure to renew the lease must not kill hours of training: keep going.
+    with concurrency(limit, occupy=1, timeout_seconds=timeout_seconds, lease_duration=LEASE_SECONDS,
+                     strict=True, raise_on_lease_renewal_failure=False):
+        logger.info("Holding concurrency slot %r", limit)
+        yield
+    logger.info("Released concurrency slot %r", limit)
+
+
+def accelerator(timeout_seconds: float | None = None) -> AbstractContextManager[None]:
+    """Hold the machine's accelerator for the body; waits (forever by default) while another run holds it."""
+    return holding(ACCELERATOR_LIMIT, timeout_seconds)

@@ -1,7 +1,7 @@
 """deploy: serve a job's aliased versions. Make sure the stack's endpoint runs (or take it as off), put the job on
 the server of its base (shared with every job whose server settings agree; started, healed or grown as needed),
-record the job, then one reconcile pass. The finetune flow's last step and the `serve` flow run it through
-tasks/deploy.py; `stop_job` takes a job off."""
+record the job, then one reconcile pass. The finetune flow's last step runs it through tasks/deploy.py, the stack's
+reconciler and `loraflow serve` through loraflow/localstack/serving_pass.py; `stop_job` takes a job off."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from loraflow.localstack.lifecycle import up
 from loraflow.localstack.prefect_api import latest_flow_run
 from loraflow.localstack.stack import REPO_ROOT, Stack
 from loraflow.registry.client import run_url
+from loraflow.serving.records import read_endpoint
 
 DEMO_DEPLOYMENT = "finetune/tiny-ko"
 
@@ -46,5 +47,7 @@ def demo(stack: Stack, deployment: str = DEMO_DEPLOYMENT) -> int:
         print(f"MLflow   {run_url(stack.mlflow_url, info['experiment_id'], info['run_id'])}")
     if not runs:
         print(f"MLflow   {stack.mlflow_url} (no run tagged with this flow run)")
+    if (endpoint := read_endpoint(stack.home)) is not None:
+        print(f"OpenAI   {endpoint.url}/v1 (model=\"tiny-ko\": the champion; `loraflow status` lists every served job)")
     print("Stop everything with `make down` (or `loraflow down`).")
     return watched.returncode or (0 if state == "COMPLETED" and runs else 1)

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
+
+# torch deprecates an API its own import uses (torch/utils/mkldnn.py), 14 times per session: nothing here calls it.
+warnings.filterwarnings("ignore", r"`torch\.jit\.script_method` is deprecated", DeprecationWarning, "torch")
 
 REPO = Path(__file__).resolve().parent.parent
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="loraflow-test-"))

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from loraflow.hashing import code_sha, sha_of
+from loraflow.logs import progress
 from loraflow.templates import load_template
 from loraflow.tiny import corpus
 from loraflow.tiny.shared_models import built_model
@@ -82,7 +82,7 @@ def _pretrain(model: Qwen2ForCausalLM, ids: torch.Tensor) -> list[float]:
     )
     losses: list[float] = []
     model.train()
-    for _ in tqdm(range(PRETRAIN["steps"]), desc="pretraining tiny-ko", mininterval=5):
+    for _ in progress(range(PRETRAIN["steps"]), desc="pretraining tiny-ko"):
         starts = torch.randint(0, ids.numel() - block - 1, (batch,), generator=generator)
         chunk = torch.stack([ids[s : s + block] for s in starts])
         loss = model(input_ids=chunk, labels=chunk).loss
@@ -103,7 +103,8 @@ def build(out_dir: Path) -> None:
     texts = corpus.all_texts()
     tokenizer = _train_tokenizer(texts)
     end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    ids = torch.tensor([t for text in texts for t in [*tokenizer(text)["input_ids"], end]])
+    # Whole documents, longer than the model's context on purpose: pretraining samples windows of them.
+    ids = torch.tensor([t for text in texts for t in [*tokenizer(text, verbose=False)["input_ids"], end]])
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         bos_token_id=end,

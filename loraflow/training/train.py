@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from datasets import load_from_disk
 from peft import LoraConfig
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from loraflow.base.load import load_tokenizer
@@ -24,10 +24,11 @@ from loraflow.config.lora import LoraSettings, QuantizationConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
 from loraflow.hashing import sha_of_files
+from loraflow.logs import on_terminal
 from loraflow.outputs import write_json
 from loraflow.results import ChatResult, TrainResult
 from loraflow.training.distributed import WorkerInputs, is_distributed, launch_workers, uses_fsdp
-from loraflow.training.live_metrics import LiveMetrics, Tracking, system_metrics, training_run
+from loraflow.training.live_metrics import LiveMetrics, ProgressLog, Tracking, system_metrics, training_run
 from loraflow.training.models import device_for, dtype_for, load_base_model
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def sft_arguments(training: TrainingConfig, model: ModelConfig, output_dir: Path
         # Under DDP: every LoRA parameter gets a gradient each step, and searching for unused ones costs a graph walk
         # per step (and errors with non-reentrant checkpointing).
         ddp_find_unused_parameters=False,
-        disable_tqdm=False,
+        disable_tqdm=not on_terminal(),  # elsewhere ProgressLog writes a line every few percent instead
     )
 
 
@@ -169,6 +170,9 @@ def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: 
         peft_config=peft_config(lora),
         callbacks=[timer, *([LiveMetrics(tracking.uri, run_id)] if tracking and run_id else [])],
     )
+    if args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(ProgressLog())
     with system_metrics(tracking.uri, run_id) if tracking and run_id else contextlib.nullcontext():
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     elapsed = time.perf_counter() - timer.started

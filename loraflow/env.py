@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from loraflow import paths
@@ -17,8 +18,10 @@ def configure_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_MEMO_STORE_PATH", os.path.join(prefect_home, "memo_store.toml"))
     os.environ.setdefault("HF_HOME", str(home / "cache" / "huggingface"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Prefect shows our plain functions' progress (logging) in the flow run logs.
+    # Prefect shows our plain functions' progress (logging) in the flow run logs; it gives the logger its handlers,
+    # not a level, and the root's (WARNING) would drop each step's summary line.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraflow")
+    logging.getLogger("loraflow").setLevel(logging.INFO)
     # ...and outside a flow run (a base built by `loraflow plan`) they are plain log lines, not a warning each.
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # Prefect's temporary server (no PREFECT_API_URL) gets 20 s to start by default: too short on a busy 2-core box.

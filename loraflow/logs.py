@@ -25,6 +25,8 @@ QUIET_LOGGERS = {
     "bitsandbytes.backends.cpu.ops": logging.ERROR,
     # "Started/Stopping system metrics monitoring" around every training: the metrics themselves are in the run.
     "mlflow.system_metrics": logging.WARNING,
+    # "Creating initial MLflow database tables..." on a new store: its first use, nothing to do.
+    "mlflow.store.db.utils": logging.WARNING,
 }
 # Logger -> the starts of messages it logs on every call that ask nothing of the user.
 KNOWN_MESSAGES = {
@@ -32,6 +34,8 @@ KNOWN_MESSAGES = {
     # precision, in this one process) on purpose.
     "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
                                    "Passed an already-initialized model through `pretrained`"),
+    # Once per task and model: loraflow sets `num_fewshot` (eval.benchmarks.num_fewshot) on purpose.
+    "lm_eval.evaluator": ("Overwriting default num_fewshot of",),
 }
 # The libraries' own progress bars, off where no terminal shows them (read when each library is imported).
 NO_BARS_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}

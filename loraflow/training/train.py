@@ -210,6 +210,9 @@ def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: 
         "adapter_bytes": float(sum((adapter_dir / f).stat().st_size for f in ADAPTER_FILES)),
     }
     write_json(out_dir / "train_metrics.json", metrics)
-    log.info("train: %s", metrics)
+    log.info("train: %d steps in %.0f s (%.0f tokens/s), logged loss %.3f -> %.3f%s; all figures in %s",
+             metrics["global_steps"], elapsed, metrics["train_tokens_per_second"], metrics["first_logged_loss"],
+             metrics["last_logged_loss"], f", resumed from step {resume_from.name.rsplit('-', 1)[1]}" if resume_from
+             else "", out_dir / "train_metrics.json")
     adapter_sha = sha_of_files([adapter_dir / f for f in ADAPTER_FILES], root=adapter_dir)
     return TrainResult(key=key, path=str(out_dir), adapter_sha=adapter_sha, metrics=metrics, run_id=run_id)

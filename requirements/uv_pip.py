@@ -17,7 +17,7 @@ from pip._internal.commands import create_command
 
 
 def pip_sources() -> tuple[list[str], dict[str, str]]:
-    """uv arguments and environment for the indexes, find-links, certificate and trusted hosts `pip install` uses."""
+    """uv arguments and environment for the indexes, find-links, certificates and trusted hosts `pip install` uses."""
     options, _ = create_command("install").parse_args([])
     args = ["--index-strategy", "unsafe-best-match"]
     args += ["--no-index"] if options.no_index else ["--index-url", options.index_url]
@@ -27,8 +27,10 @@ def pip_sources() -> tuple[list[str], dict[str, str]]:
         args += ["--find-links", location]
     for host in options.trusted_hosts:
         args += ["--allow-insecure-host", host]
-    env = {"SSL_CERT_FILE": options.cert} if options.cert else {}
-    return args, env
+    # pip trusts the configured bundle, else the system's certificates (not a bundled copy, as uv does by default).
+    if options.cert:
+        return args, {"SSL_CERT_FILE": options.cert}
+    return [*args, "--system-certs"], {}
 
 
 def main(argv: list[str]) -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -36,6 +37,8 @@ KNOWN_MESSAGES = {
                                    "Passed an already-initialized model through `pretrained`"),
     # Once per task and model: loraflow sets `num_fewshot` (eval.benchmarks.num_fewshot) on purpose.
     "lm_eval.evaluator": ("Overwriting default num_fewshot of",),
+    # Per served-parity run: vLLM's OpenAI server takes batched requests of any lengths.
+    "lm_eval.models.api_models": ("Batch size > 1 detected",),
 }
 # The libraries' own progress bars, off where no terminal shows them (read when each library is imported).
 NO_BARS_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
@@ -65,6 +68,15 @@ def quiet_dependencies() -> None:
     if not on_terminal():
         for name, value in NO_BARS_ENV.items():
             os.environ.setdefault(name, value)
+
+
+def without_request_bars(lm: T) -> T:
+    """An lm-eval model whose request bars show only on a terminal: lm-eval's evaluator never sets `disable_tqdm`
+    (its request methods' own argument), so without a terminal they would flood the log."""
+    if not on_terminal():
+        for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(lm, request_type, partial(getattr(lm, request_type), disable_tqdm=True))
+    return lm
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:

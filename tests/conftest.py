@@ -10,7 +10,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
+
+# Raised by the dependencies about their own code or this machine: nothing in loraflow can act on them. Ignored
+# here for the imports below and by pytest_configure for each test (pytest restores its own filters around each).
+DEPENDENCY_WARNINGS = (
+    (r"`torch\.jit\.script_method` is deprecated", DeprecationWarning),  # torch's own import, 14 times a session
+    (r"starlette\.middleware\.wsgi is deprecated", UserWarning),  # mlflow's server imports it
+    (r"XDG_RUNTIME_DIR is not set", UserWarning),  # platformdirs falls back to /tmp/runtime-<uid>, as intended
+)
+for message, category in DEPENDENCY_WARNINGS:
+    warnings.filterwarnings("ignore", message, category)
 
 REPO = Path(__file__).resolve().parent.parent
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="loraflow-test-"))
@@ -63,6 +74,8 @@ def _refuse_server(server: object, *_: object, **__: object) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """In the fast tier every server start of loraflow (loraflow.process.ManagedProcess: the stack's services, vLLM,
     the endpoint, PostgreSQL) and Prefect's own temporary server (a flow run without a stack) fails instead."""
+    for message, category in DEPENDENCY_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
     if "not slow" not in (config.getoption("markexpr") or ""):
         return
     from prefect.server.api.server import SubprocessASGIServer

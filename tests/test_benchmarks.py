@@ -108,11 +108,12 @@ def test_tiny_kobest_files_are_kobest_shaped_and_deterministic(tmp_path: Path) -
 
 
 def test_lm_eval_scores_equal_a_hand_computation(
-    job: JobConfig, bench: BenchmarkConfig, adapter_dir: Path, tmp_path: Path
+    job: JobConfig, bench: BenchmarkConfig, adapter_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     tokenizer = load_tokenizer(job.model)
     base = load_base_model(job.model, job.quantization)
     base_run = run_benchmarks(base, tokenizer, bench, tmp_path, "base")
+    assert "loglikelihood requests" not in capfd.readouterr().err  # no terminal here: no request bars
     del base
     base = load_base_model(job.model, job.quantization, quantized=True)
     tuned = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()

@@ -51,9 +51,10 @@ RESUME_OVERRIDES = {"training.max_steps": 40, "training.save_steps": 4, "trainin
 
 
 
-def test_training_killed_mid_run_resumes_from_its_last_checkpoint(step_results, tmp_path):
+def test_training_killed_mid_run_resumes_from_its_last_checkpoint(step_results, tmp_path, caplog):
     """A crash mid-training, then the retry: it resumes from the last complete checkpoint, and the MLflow run that
-    showed the loss live while the first process trained goes on holding the points of both."""
+    showed the loss live while the first process trained goes on holding the points of both. Without a terminal
+    (pytest's capture), its progress is a log line every few percent."""
     chat = step_results["chat"]
     tracking = Tracking(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="live", run_name="live")
     job = load_config(TINY_CONFIG, RESUME_OVERRIDES)
@@ -89,6 +90,8 @@ def test_training_killed_mid_run_resumes_from_its_last_checkpoint(step_results, 
     # log history continues the killed run's, step numbers never restart at 1
     steps = [e["step"] for e in json.loads(Path(resumed.log_history).read_text()) if "loss" in e]
     assert steps == sorted(steps) and steps[0] == 1 and len(set(steps)) == len(steps)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training: ")]
+    assert progress and progress[-1].startswith("training: 100% (step 40/40, loss ") and len(progress) <= 10
 
 
 def test_lora_targets_missing_from_the_model_fail_clearly(step_results, tmp_path):

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from loraflow.config.evaluation import BenchmarkConfig, EvalConfig
 from loraflow.config.loader import ConfigError
 from loraflow.config.model import EMBEDDED_PREFIX, ModelConfig
+from loraflow.logs import without_request_bars
 
 if TYPE_CHECKING:  # torch is imported by whoever loaded the model; validation alone must stay light
     import torch
@@ -162,7 +163,7 @@ def in_process_lm(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> An
     """lm-eval's `HFLM` over an already-loaded model (base or PEFT)."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return without_request_bars(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size))
 
 
 def eval_backend(model: ModelConfig, evaluation: EvalConfig) -> str:

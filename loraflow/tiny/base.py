@@ -1,24 +1,23 @@
 """Build the embedded `tiny-ko` base model: a byte-level BPE tokenizer with Qwen special tokens and a small
-Qwen2ForCausalLM briefly pretrained on the Korean corpus. Deterministic from the seed, cached under
-LORAFLOW_HOME/models/tiny-ko-<key>/ so it is built once per machine."""
+Qwen2ForCausalLM briefly pretrained on the Korean corpus. Deterministic from the seed and the libraries that train
+it; built once per machine, keyed by all of these (loraflow/tiny/shared_models.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from loraflow import paths
 from loraflow.hashing import code_sha, sha_of
+from loraflow.logs import progress
 from loraflow.templates import load_template
 from loraflow.tiny import corpus
+from loraflow.tiny.shared_models import built_model
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +36,18 @@ ARCH = {
     "tie_word_embeddings": True,
 }
 PRETRAIN = {"steps": 300, "batch_size": 16, "block_size": 128, "learning_rate": 3e-3}
+TRAINED_BY = ("torch", "tokenizers", "transformers")
 
 
 def build_key() -> str:
-    return sha_of(SEED, VOCAB_SIZE, ARCH, PRETRAIN, code_sha(__name__, corpus.__name__))[:12]
+    """The recipe: settings, this code, the corpus and the versions of the libraries that train the model."""
+    versions = {name: metadata.version(name) for name in TRAINED_BY}
+    return sha_of(SEED, VOCAB_SIZE, ARCH, PRETRAIN, versions, code_sha(__name__, corpus.__name__))[:12]
 
 
 def tiny_ko_dir() -> Path:
-    """Path of the built model, building it first if this machine has none."""
-    target = paths.models_dir() / f"tiny-ko-{build_key()}"
-    if not (target / "config.json").is_file():
-        build(target)
-    return target
+    """Path of the built model under LORAFLOW_HOME, from this machine's cache (built there first if it has none)."""
+    return built_model(f"tiny-ko-{build_key()}", build)
 
 
 def _train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -83,7 +82,7 @@ def _pretrain(model: Qwen2ForCausalLM, ids: torch.Tensor) -> list[float]:
     )
     losses: list[float] = []
     model.train()
-    for _ in tqdm(range(PRETRAIN["steps"]), desc="pretraining tiny-ko", mininterval=5):
+    for _ in progress(range(PRETRAIN["steps"]), desc="pretraining tiny-ko"):
         starts = torch.randint(0, ids.numel() - block - 1, (batch,), generator=generator)
         chunk = torch.stack([ids[s : s + block] for s in starts])
         loss = model(input_ids=chunk, labels=chunk).loss
@@ -97,14 +96,15 @@ def _pretrain(model: Qwen2ForCausalLM, ids: torch.Tensor) -> list[float]:
     return losses
 
 
-def build(target: Path) -> Path:
-    """Train tokenizer and model into a temp dir, then move into place (a crash leaves no half model)."""
-    log.info("building embedded tiny-ko base into %s", target)
+def build(out_dir: Path) -> None:
+    """Train tokenizer and model, saved into `out_dir` (a staging directory: built_model moves it into place whole)."""
+    log.info("building the embedded tiny-ko base (once per machine, about two minutes on 2 cores)")
     torch.manual_seed(SEED)
     texts = corpus.all_texts()
     tokenizer = _train_tokenizer(texts)
     end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    ids = torch.tensor([t for text in texts for t in [*tokenizer(text)["input_ids"], end]])
+    # Whole documents, longer than the model's context on purpose: pretraining samples windows of them.
+    ids = torch.tensor([t for text in texts for t in [*tokenizer(text, verbose=False)["input_ids"], end]])
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         bos_token_id=end,
@@ -119,15 +119,9 @@ def build(target: Path) -> Path:
     losses = _pretrain(model, ids)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, end]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "pretrain.json").write_text(
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "pretrain.json").write_text(
         json.dumps({"tokens": ids.numel(), "first_loss": losses[0], "last_loss": losses[-1]}, indent=2)
     )
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
     log.info("tiny-ko pretrain loss %.3f -> %.3f", losses[0], losses[-1])
-    return target

@@ -14,6 +14,7 @@ from trl import DPOConfig, SFTConfig
 from loraflow.config.lora import LoraSettings
 from loraflow.config.model import ModelConfig
 from loraflow.config.training import TrainingConfig
+from loraflow.logs import on_terminal
 from loraflow.training.models import device_for, dtype_for
 
 
@@ -62,7 +63,7 @@ def trainer_arguments(training: TrainingConfig, model: ModelConfig, output_dir: 
         # Under DDP: every LoRA parameter gets a gradient each step, and searching for unused ones costs a graph walk
         # per step (and errors with non-reentrant checkpointing).
         ddp_find_unused_parameters=False,
-        disable_tqdm=False,
+        disable_tqdm=not on_terminal(),  # elsewhere train.py's ProgressLog writes a line every few percent
     )
 
 

@@ -1,7 +1,8 @@
 """Training shows in MLflow while it runs: the version's MLflow run starts when training starts (its id is kept in
 the train step's directory, so a training resumed after a crash continues the same run, and `register` later fills
 that run and registers the version from it), each logging step's loss, learning rate, grad norm and tokens/s are
-logged as they happen, and MLflow's system metrics (CPU, memory, GPU) are sampled meanwhile.
+logged as they happen, and MLflow's system metrics (CPU, memory, GPU) are sampled meanwhile. Without a terminal for
+a progress bar, the log (Prefect's run logs, a worker's log file) gets a line every few percent of the steps.
 
 transformers' own MLflowCallback is not used: it also logs every TrainingArguments field as a param, and MLflow
 params are immutable, so a resumed run whose arguments print differently (a new output path, a retry's changed
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,12 +23,14 @@ from mlflow.entities import Metric, Param
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from transformers import TrainerCallback
 
+from loraflow.logs import PROGRESS_PERCENT
 from loraflow.registry.client import client_at, ensure_experiment
 from loraflow.training.environment import FROZEN_ARTIFACT, environment_params, frozen_packages
 
 RUN_FILE = "mlflow_run.json"
 WORLD_SIZE_TAG = "train.world_size"
 SYSTEM_SAMPLING_S = 3  # short trainings still get a few samples; MLflow aggregates nothing over them
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,22 @@ class LiveMetrics(TrainerCallback):
         metrics = [Metric(f"train/{name}", value, stamp, state.global_step) for name, value in values.items()]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
+
+
+class ProgressLog(TrainerCallback):
+    """A log line each PROGRESS_PERCENT percent of the optimizer steps, with the last logged loss: the progress bar
+    where there is no terminal (it replaces transformers' PrinterCallback, a dict printed per logging step)."""
+
+    def __init__(self) -> None:
+        self.mark = PROGRESS_PERCENT
+
+    def on_step_end(self, args, state, control, **kwargs):
+        percent = state.global_step * 100 // max(state.max_steps, 1)
+        if percent >= self.mark and state.is_world_process_zero:
+            losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+            loss = f", loss {losses[-1]:.4f}" if losses else ""
+            log.info("training: %d%% (step %d/%d%s)", percent, state.global_step, state.max_steps, loss)
+        self.mark = max(self.mark, (percent // PROGRESS_PERCENT + 1) * PROGRESS_PERCENT)
 
 
 @contextlib.contextmanager

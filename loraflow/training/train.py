@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from datasets import load_from_disk
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, Trainer, TrainerCallback
 from trl import SFTTrainer
 
 from loraflow.base.load import load_tokenizer
@@ -29,7 +29,7 @@ from loraflow.results import ChatResult, ParentVersion, TrainResult
 from loraflow.training.arguments import peft_config, trainer_config
 from loraflow.training.distributed import WorkerInputs, is_distributed, launch_workers, uses_fsdp
 from loraflow.training.dpo import dpo_trainer, drop_reference, preference_metrics
-from loraflow.training.live_metrics import LiveMetrics, Tracking, system_metrics, training_run
+from loraflow.training.live_metrics import LiveMetrics, ProgressLog, Tracking, system_metrics, training_run
 from loraflow.training.models import device_for, load_base_model
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,9 @@ def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: 
     run_id = training_run(tracking, out_dir, world_size=args.world_size) if tracking and main else None
     trainer = method_trainer(training, base, args, data["train"], tokenizer, lora, parent,
                              [timer, *([LiveMetrics(tracking.uri, run_id)] if tracking and run_id else [])])
+    if args.disable_tqdm:  # no terminal: a log line every few percent instead of a dict per logging step
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(ProgressLog())
     with system_metrics(tracking.uri, run_id) if tracking and run_id else contextlib.nullcontext():
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     elapsed = time.perf_counter() - timer.started
@@ -156,6 +159,9 @@ def train_here(chat: ChatResult, model: ModelConfig, lora: LoraSettings, quant: 
         **preference_metrics(history),
     }
     write_json(out_dir / "train_metrics.json", metrics)
-    log.info("train: %s", metrics)
+    log.info("train: %d steps in %.0f s (%.0f tokens/s), logged loss %.3f -> %.3f%s; all figures in %s",
+             metrics["global_steps"], elapsed, metrics["train_tokens_per_second"], metrics["first_logged_loss"],
+             metrics["last_logged_loss"], f", resumed from step {resume_from.name.rsplit('-', 1)[1]}" if resume_from
+             else "", out_dir / "train_metrics.json")
     return TrainResult(key=key, path=str(out_dir), adapter_sha=adapter_sha(adapter_dir), metrics=metrics,
                        run_id=run_id)

@@ -14,10 +14,14 @@ import threading
 import time
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.errors import record
+from loraflow.env import configure_environment
 
-from loraflow.training.distributed import RESULT_FILE, WorkerInputs
-from loraflow.training.train import train_here
+configure_environment()  # an entry point like the CLI's: before the libraries load and log their notices
+
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
+from loraflow.training.distributed import RESULT_FILE, WorkerInputs  # noqa: E402
+from loraflow.training.train import train_here  # noqa: E402
 
 LAUNCHER_POLL_S = 1.0
 

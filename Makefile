@@ -77,7 +77,8 @@ test-fast: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# The figures of bench/README.md; each script writes its keys (training.*, pipeline.*, serving.*, promotion.*) as JSON.
+# The figures of bench/README.md; each script writes its keys (training.*, pipeline.*, dpo.*, data.*, serving.*, jobs.*,
+# promotion.*) as JSON.
 bench: venv
 	mkdir -p $(LORAFLOW_HOME)/bench
 	$(PY) bench/training.py --json $(LORAFLOW_HOME)/bench/training.json

@@ -1,13 +1,17 @@
+import json
+from pathlib import Path
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from loraflow.config.job import JobConfig
-from loraflow.data.summary import heldout_hint
+from loraflow.data.summary import chat_warnings, dataset_warnings, heldout_hint
 from loraflow.registry import register as plain
 from loraflow.registry.client import client_for
 from loraflow.registry.lineage import data_report
 from loraflow.results import ChatResult, DatasetResult, EvalResult, ParentVersion, RegisteredVersion, TrainResult
+from loraflow.training.loss_check import loss_warning
 from tasks.prefect_glue import artifact_key, prefect_run_tags, publish_mlflow_run, retry_transient
 
 
@@ -35,5 +39,13 @@ def register(job: JobConfig, config_path: str, dataset: DatasetResult, chat: Cha
     if hint:
         get_run_logger().warning(hint)
     plain.record_warnings(job.registry, version.run_id,
-                          [*plain.step_warnings(dataset, chat, trained), *([hint] if hint else [])])
+                          [*step_warnings(dataset, chat, trained), *([hint] if hint else [])])
     return version
+
+
+def step_warnings(dataset: DatasetResult, chat: ChatResult, trained: TrainResult) -> list[str]:
+    """What the steps before warned about (each logged by its own task): a data step that dropped more than half of
+    its rows, a training whose loss did not fall."""
+    history = json.loads(Path(trained.log_history).read_text())
+    return [*dataset_warnings(dataset.stats, dataset.path), *chat_warnings(chat.stats),
+            *filter(None, [loss_warning(history)])]

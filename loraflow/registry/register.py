@@ -24,14 +24,12 @@ from mlflow.exceptions import MlflowException
 import loraflow
 from loraflow.config.job import JobConfig
 from loraflow.config.registry import RegistryConfig
-from loraflow.data.summary import chat_warnings, dataset_warnings
 from loraflow.errors import InputError
 from loraflow.hashing import sha_of, sha_of_files
 from loraflow.registry.client import client_for, ensure_experiment, tracking_uri
 from loraflow.registry.lineage import base_revision_tag, source_tags
 from loraflow.registry.parent import parent_tags
 from loraflow.results import ChatResult, DatasetResult, EvalResult, ParentVersion, RegisteredVersion, TrainResult
-from loraflow.training.loss_check import loss_warning
 
 log = logging.getLogger(__name__)
 
@@ -246,13 +244,6 @@ def attach_directory(registry: RegistryConfig, run_id: str, directory: str, arti
     client = client_for(registry)
     if not client.list_artifacts(run_id, artifact_path):
         client.log_artifacts(run_id, directory, artifact_path)
-
-
-def step_warnings(dataset: DatasetResult, chat: ChatResult, trained: TrainResult) -> list[str]:
-    """A data step that dropped more than half of its rows, a training whose loss did not fall."""
-    history = json.loads(Path(trained.log_history).read_text())
-    return [*dataset_warnings(dataset.stats, dataset.path), *chat_warnings(chat.stats),
-            *filter(None, [loss_warning(history)])]
 
 
 def record_warnings(registry: RegistryConfig, run_id: str, warnings: list[str]) -> None:

@@ -88,7 +88,7 @@ def job_yaml(name: str, spec: str, inspection: Inspection, base: str | None, out
     lines += ["#",
               f"#   loraflow data {config} --rows 3".ljust(66) + "# what trains, trained tokens marked; no training",
               f"#   loraflow run {config}".ljust(66) + "# in this process (Prefect temporary server)",
-              f"#   prefect deployment run finetune/{name}".ljust(66) + "# through the local stack (`make up`)"]
+              f"#   prefect deployment run finetune/{name}".ljust(66) + "# the local stack, after `loraflow deploy`"]
     for key, value in job.items():
         if key != "name":
             lines.append("")

@@ -15,6 +15,7 @@ from trl import DPOConfig
 from loraflow.config import JobConfig, load_config
 from loraflow.registry.parent import check_shape
 from loraflow.registry.promote import judge
+from loraflow.training import arguments
 from loraflow.training.arguments import dpo_arguments, peft_config
 from loraflow.training.models import from_pretrained_kwargs
 from loraflow.training.plan import plan_job
@@ -31,7 +32,9 @@ def bf16_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))  # an A100
 
 
-def test_dpo_arguments_on_a_bf16_gpu(qwen_dpo: JobConfig, bf16_gpu: None, tmp_path: Path) -> None:
+def test_dpo_arguments_on_a_bf16_gpu(qwen_dpo: JobConfig, bf16_gpu: None, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arguments, "on_terminal", lambda: False)  # a worker's log: train.py's ProgressLog, no bars
     args = dpo_arguments(qwen_dpo.training, qwen_dpo.model, tmp_path)
     assert args == {
         "output_dir": str(tmp_path), "num_train_epochs": 1.0, "max_steps": -1, "learning_rate": 5e-6,
@@ -40,7 +43,7 @@ def test_dpo_arguments_on_a_bf16_gpu(qwen_dpo: JobConfig, bf16_gpu: None, tmp_pa
         "gradient_checkpointing_kwargs": {"use_reentrant": False}, "optim": "paged_adamw_8bit", "logging_steps": 10,
         "save_strategy": "steps", "save_steps": 200, "save_total_limit": 3, "seed": 42, "data_seed": 42,
         "report_to": "none", "use_cpu": False, "bf16": True, "fp16": False, "dataloader_num_workers": 0,
-        "ddp_find_unused_parameters": False, "disable_tqdm": False,
+        "ddp_find_unused_parameters": False, "disable_tqdm": True,
         # DPO's own: beta, the paper's sigmoid loss, pairs already cut to max_length by format_chat, padded batches
         # (TRL 1.16 has no padding-free DPO), the reference computed beside the policy, dropout off for both.
         "beta": 0.1, "loss_type": ["sigmoid"], "max_length": None, "padding_free": False,

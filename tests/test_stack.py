@@ -195,11 +195,13 @@ def test_killed_training_resumes_from_checkpoint_on_retry(local_stack: RunningSt
     retry`: the same run, same inputs, so the train step finds its content-addressed checkpoints."""
     # Serving has its own tests (tests/test_serving.py); here it would start vLLM on the default ports.
     overrides = json.dumps({"training.epochs": 1, "training.save_steps": 10, "serving.enabled": False})
+    train_dir = local_stack.home / "work" / "train"
+    earlier = set(train_dir.iterdir()) if train_dir.is_dir() else set()  # other modules' trainings on this stack
     flow_run_id, _ = run_deployment_cli(local_stack, "finetune/tiny-ko", "--param", f"overrides={overrides}",
                                         new_shell=True)
-    train_dir = local_stack.home / "work" / "train"
     deadline = time.monotonic() + 900
-    while not (done := list(train_dir.glob("*/checkpoints/checkpoint-*/trainer_state.json"))):
+    while not (done := [p for p in train_dir.glob("*/checkpoints/checkpoint-*/trainer_state.json")
+                        if p.parents[2] not in earlier]):
         run = local_stack.flow_run(flow_run_id)
         assert run.state.type not in TERMINAL, f"finished before a checkpoint was written: {run.state}"
         assert time.monotonic() < deadline, "no checkpoint after 900 s"
@@ -210,7 +212,7 @@ def test_killed_training_resumes_from_checkpoint_on_retry(local_stack: RunningSt
         process.kill()
     crashed = local_stack.wait_for_flow_run(flow_run_id, timeout=120)
     assert crashed.state.type == StateType.CRASHED, crashed.state
-    [run_dir] = train_dir.iterdir()
+    [run_dir] = set(train_dir.iterdir()) - earlier
     assert not (run_dir / "train_metrics.json").exists(), "training finished before the kill"
     # Checkpoints complete when the process died (a later one may have been half written: never resumed from).
     saved = max(int(p.parent.name.rsplit("-", 1)[1]) for p in (run_dir / "checkpoints").glob("*/trainer_state.json"))

@@ -13,7 +13,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from loraflow.config import ConfigError
 from loraflow.config.job import JobConfig
-from loraflow.process import ProcessFailed, file_lock, recorded, stop_record
+from loraflow.process import ProcessFailed, file_lock, recorded
 from loraflow.serving import records
 from loraflow.serving.client import EndpointClient, ServerClient
 from loraflow.serving.names import version_of
@@ -99,30 +99,31 @@ def sharing_notes(spec: ServerSpec) -> list[str]:
 
 
 def detach_from(server_id: str, model: str, api_key: str | None, drop_entry: bool = False) -> list[str]:
-    """Take a job's versions off a server (after their requests drained); stop the server when no other job
-    remains on it, and the endpoint with the last server. `drop_entry`: its names also leave the endpoint."""
+    """Take a job's versions off a server (after their requests drained); stop the server when no other job is
+    on it in the endpoint's table, and the endpoint with the last server. `drop_entry`: its names also leave the
+    endpoint."""
     done = []
     endpoint = records.running_endpoint()
-    if drop_entry and endpoint is not None:
-        EndpointClient(endpoint.url, api_key).drop_job(model)
+    client = EndpointClient(endpoint.url, api_key) if endpoint is not None else None
+    if drop_entry and client is not None:
+        client.drop_job(model)
         done.append(f"{model}: no longer answered by the endpoint")
+    table = client.routes()["jobs"] if client is not None else {}
+    others = sorted(m for m, entry in table.items() if entry["server"] == server_id and m != model)
     with file_lock(records.server_dir(server_id) / ".lock"):
         server = records.read_server(server_id)
         if server is not None and recorded(server.process) is not None:
             vllm = ServerClient(server.url, api_key)
             for name in sorted(n for n in vllm.served_models() if version_of(model, n) is not None):
-                if endpoint is not None:
-                    EndpointClient(endpoint.url, api_key).wait_drained(name, DRAIN_TIMEOUT_S)
+                if client is not None:
+                    client.wait_drained(name, DRAIN_TIMEOUT_S)
                 vllm.unload_adapter(name)
                 done.append(f"{model}: unloaded {name} from {server_id}")
-        if server is not None and not any(j.server == server_id and j.model != model and not j.stopped
-                                          for j in records.job_records()):
+        if server is not None and not others:
             records.stop_server_record(server_id)
             done.append(f"stopped base server {server_id} (no job left on it)")
     if drop_entry and not records.server_records():
         with file_lock(records.endpoint_dir() / ".lock"):
-            record = records.read_endpoint()
-            (records.endpoint_dir() / records.ENDPOINT_FILE).unlink(missing_ok=True)
-            if record is not None and stop_record(record.process):
+            if records.stop_endpoint():
                 done.append("stopped the endpoint (no job served)")
     return done

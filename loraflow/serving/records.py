@@ -18,7 +18,7 @@ from loraflow import paths
 from loraflow.process import is_healthy, read_record, recorded, stop_record, write_record
 from loraflow.serving.client import EndpointClient
 
-ENDPOINT_FILE, SERVER_FILE, JOB_FILE = "endpoint.json", "server.json", "job.json"
+ENDPOINT_FILE, ROUTES_FILE, SERVER_FILE, JOB_FILE = "endpoint.json", "routes.json", "server.json", "job.json"
 # How a server of ours shows in `ps`: vLLM's OpenAI server module, or the endpoint's module.
 SERVER_MODULES = {"vllm.entrypoints.openai.api_server": "vllm", "loraflow.serving.endpoint": "endpoint"}
 
@@ -147,13 +147,22 @@ def stop_server_record(server_id: str, home: Path | None = None) -> list[int]:
     return stop_record((record or {}).get("process"))
 
 
+def stop_endpoint(home: Path | None = None) -> list[int]:
+    """Forget the endpoint and its table (the record first: a pass running meanwhile must see "stopped on purpose",
+    not "crashed, restart"), then stop it. The next endpoint's table is built again by the jobs' passes; a crashed
+    endpoint, restarted, keeps its table."""
+    directory = endpoint_dir(home)
+    endpoint = read_record(directory / ENDPOINT_FILE)
+    (directory / ENDPOINT_FILE).unlink(missing_ok=True)
+    (directory / ROUTES_FILE).unlink(missing_ok=True)
+    return stop_record((endpoint or {}).get("process"))
+
+
 def stop_all_serving(home: Path) -> list[int]:
     """`loraflow down`: the endpoint first (clients get refused, not 503s for servers that will not come back; its
-    supervisor stops with it), then every base server. Job records stay: the next serve picks them up."""
-    file = endpoint_dir(home) / ENDPOINT_FILE
-    endpoint = read_record(file)
-    file.unlink(missing_ok=True)
-    stopped = stop_record((endpoint or {}).get("process"))
+    supervisor stops with it), then every base server. Job records stay: while a later endpoint runs, the stack's
+    reconciler serves those jobs again."""
+    stopped = stop_endpoint(home)
     for server in server_records(home):
         stopped += stop_server_record(server.server_id, home)
     return stopped

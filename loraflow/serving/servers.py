@@ -37,7 +37,7 @@ def start_endpoint(serving: ServingConfig) -> EndpointRecord:
     url = endpoint_url(host, port)
     command = [sys.executable, "-m", "loraflow.serving.endpoint", "--servers-dir",
                str(records.serving_dir() / "servers"), "--host", host, "--port", str(port), "--routes-file",
-               str(directory / "routes.json"), "--api-key-env", serving.api_key_env]
+               str(directory / records.ROUTES_FILE), "--api-key-env", serving.api_key_env]
     process = ManagedProcess("endpoint", command, dict(os.environ), directory / "endpoint.log",
                              f"{url}/loraflow/health").start()
     process.wait_healthy(ENDPOINT_START_S)

@@ -1,7 +1,8 @@
 """Several jobs on one base, real processes (one endpoint, one vLLM, an MLflow registry per job): two jobs answer
 through one port from one vLLM; promoting one never disturbs the other's streams; a third job whose adapters need
 a larger rank than the server allows grows the server (503 + Retry-After meanwhile, never a refused connection
-or a cut response) and the reason is tagged on its version. The tests run in file order on one endpoint."""
+or a cut response) and the reason is tagged on its version; a version its server lost is
+drift, loaded again by the next pass. The tests run in file order on one endpoint."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import httpx
 import pytest
 
 from loraflow.config import ConfigError
+from loraflow.serving.client import ServerClient
+from loraflow.serving.drift import drift
 from loraflow.serving.names import base_name, versioned_name
 from loraflow.serving.placement import RESTART_TAG
 from loraflow.serving.records import job_records, read_server, server_records
@@ -158,3 +161,19 @@ def test_a_job_needing_a_larger_rank_grows_the_shared_server_without_failing_req
     # Every job answers with its own champion on the restarted server (its adapters reloaded there).
     assert [stable(served, m) for m in (KO, INTENT, WIDE)] == [versioned_name(KO, 2), versioned_name(INTENT, 1),
                                                                 versioned_name(WIDE, 1)]
+
+
+def test_a_version_its_server_lost_is_drift_and_the_next_pass_loads_it_again(
+        served: ServedJobs, registries: dict[str, RegistryFixture]) -> None:
+    """A restart that could not load one of a job's versions again (refused, or loaded a moment after the
+    supervisor's last look) leaves the job's entry naming a version its server lacks: the drift check names it and
+    the job's next pass loads it again, through the canary."""
+    server = read_server({r.model: r.server for r in job_records()}[KO])
+    assert server is not None
+    champion, vllm = versioned_name(KO, 2), ServerClient(server.url, KEY)
+    vllm.unload_adapter(champion)
+    assert drift(served.job(registries[KO])) == f"drift: {champion} not loaded on {server.server_id}"
+    assert drift(served.job(registries[INTENT])) is None, "another job's entry is not its drift"
+    served.deploy(registries[KO])
+    assert champion in vllm.served_models() and stable(served, KO) == champion
+    assert drift(served.job(registries[KO])) is None

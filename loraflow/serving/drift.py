@@ -3,11 +3,13 @@ job that differs gets a pass. Reads only: the registry's aliases, the serving re
 
 from __future__ import annotations
 
+import httpx
+
 from loraflow.config.job import JobConfig
 from loraflow.process import recorded
 from loraflow.registry.client import client_for
 from loraflow.serving import records
-from loraflow.serving.client import EndpointClient
+from loraflow.serving.client import EndpointClient, ServerClient
 from loraflow.serving.names import versioned_name
 from loraflow.serving.registry_view import aliased_versions, failed_before
 from loraflow.serving.vllm_server import api_key
@@ -30,8 +32,11 @@ def drift(job: JobConfig) -> str | None:
     if record.stopped:
         return None
     entry = EndpointClient(endpoint.url, api_key(job.serving)).job(model)
-    if entry is None or records.read_server(record.server) is None:
+    server = records.read_server(record.server)
+    if entry is None or server is None:
         return "drift: not on the endpoint"
+    if missing := _not_loaded(server, entry["versions"], api_key(job.serving)):
+        return f"drift: {', '.join(missing)} not loaded on {server.server_id}"
     for alias, version in aliased.items():
         if failed_before(version):  # its canary failed: promoting it again retries it, not every check
             continue
@@ -41,3 +46,15 @@ def drift(job: JobConfig) -> str | None:
         if alias == "champion" and entry["stable"] != name:
             return f"drift: {model} answers as {entry['stable']}, champion is v{version.version}"
     return None
+
+
+def _not_loaded(server: records.ServerRecord, versions: list[str], key: str | None) -> list[str]:
+    """The entry's versions its server does not hold (a restart that could not load one again). A server that is
+    restarting, or does not answer, is the supervisor's to heal: nothing is reported then."""
+    if server.restart is not None or recorded(server.process) is None:
+        return []
+    try:
+        loaded = ServerClient(server.url, key, timeout_s=5).served_models()
+    except httpx.HTTPError:
+        return []
+    return sorted(name for name in versions if name not in loaded)

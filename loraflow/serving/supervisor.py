@@ -98,6 +98,8 @@ class Supervisor:
                 log.warning("%s: restarting as asked (%s), once its open requests finish", server_id,
                             record["restart"])
                 self._drain(server_id)
+                # What it holds now, not a second ago: a job may have loaded a version just before the grow.
+                self._remember_adapters(server_id, record["url"])
             with contextlib.suppress(ChildProcessError, ProcessLookupError):
                 os.waitpid(int(dead["pid"]), os.WNOHANG)  # reap it when it was our child (a previous restart)
             stop_record(dead)  # what it left behind in its group (vLLM's engine core holds the memory)

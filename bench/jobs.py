@@ -3,9 +3,9 @@
 * memory: the vLLM processes' RSS (and USS) with one job served, with three jobs served on the one shared vLLM
   (loraflow's way), and with the same three jobs each on a vLLM of its own (one server per job, as before);
 * throughput: aggregate tokens/s of the same concurrent traffic through the endpoint, spread over three jobs'
-  stable names (three adapters in one batch) vs all on one job's stable name.
+  stable names (three adapters in one batch) vs all on one job's stable name: the median of interleaved rounds.
 
-    .venv/bin/python bench/jobs.py [--tokens 64] [--json FILE]
+    .venv/bin/python bench/jobs.py [--tokens 64] [--rounds 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -81,16 +82,29 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, tokens: int) 
 async def burst(url: str, models: list[str], tokens: int) -> float:
     """tokens/s of CONCURRENCY requests at once, request i on models[i % len(models)]."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        await asyncio.gather(*(_one(client, m, PROMPTS[0], 4) for m in models))  # warm-up
         start = time.perf_counter()
         counts = await asyncio.gather(*(_one(client, models[i % len(models)], p, tokens)
                                         for i, p in enumerate(PROMPTS)))
         return sum(counts) / (time.perf_counter() - start)
 
 
+def throughput(url: str, tokens: int, rounds: int) -> tuple[float, float]:
+    """Median tokens/s of one adapter's traffic and of the same traffic over three adapters, interleaved rounds
+    after an untimed burst of each (the first full batches of a fresh vLLM are slower)."""
+    single, mixed = [JOBS[0]], list(JOBS)
+    asyncio.run(burst(url, mixed, tokens))
+    asyncio.run(burst(url, single, tokens))
+    figures: dict[str, list[float]] = {"single": [], "mixed": []}
+    for _ in range(rounds):
+        figures["single"].append(asyncio.run(burst(url, single, tokens)))
+        figures["mixed"].append(asyncio.run(burst(url, mixed, tokens)))
+    return statistics.median(figures["single"]), statistics.median(figures["mixed"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     home = paths.home()
@@ -109,8 +123,7 @@ def main() -> int:
         one = memory()
         serve(registries, separate=False)
         shared = memory()
-        single = asyncio.run(burst(url, [JOBS[0]], args.tokens))
-        mixed = asyncio.run(burst(url, list(JOBS), args.tokens))
+        single, mixed = throughput(url, args.tokens, args.rounds)
         stop_all_serving(home)
         serve(registries, separate=True)
         separate = memory()
@@ -123,7 +136,7 @@ def main() -> int:
         "jobs.rss_three_separate_vs_one": round(separate["rss_mib"] / one["rss_mib"], 3),
         "jobs.tokens_s.one_adapter": round(single, 1), "jobs.tokens_s.three_adapters": round(mixed, 1),
         "jobs.mixed_vs_one_adapter": round(mixed / single, 3),
-        "jobs.concurrency": CONCURRENCY, "jobs.tokens": args.tokens,
+        "jobs.concurrency": CONCURRENCY, "jobs.tokens": args.tokens, "jobs.rounds": args.rounds,
     }
     print(json.dumps(figures, indent=2))
     if args.json:

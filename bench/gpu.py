@@ -115,10 +115,13 @@ def served_throughput(job: JobConfig, base_dir: Path, work: Path, tokens: int) -
 
 
 def bench_job(config: str, overrides: dict[str, Any]) -> JobConfig:
-    """The job as configured, under its own name, so that a served job of the same name on this machine (its
-    serving state under LORAFLOW_HOME) is left alone; its vLLM runs on a free private port."""
+    """The job as configured, under its own name and on a base server of its own, so that a served job on this
+    machine (its serving state under LORAFLOW_HOME, the shared vLLM of its base) is left alone: a server setting
+    that changes nothing (vLLM's default seed, 0) gives the bench's server another id. Its vLLM runs on a free
+    private port."""
     job = load_config(config)
-    return load_config(config, {"registry.model_name": f"{job.registry.model_name}-gpu-bench", **overrides})
+    return load_config(config, {"registry.model_name": f"{job.registry.model_name}-gpu-bench",
+                                "serving.extra_args": [*job.serving.extra_args, "--seed", "0"], **overrides})
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

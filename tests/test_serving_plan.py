@@ -42,9 +42,9 @@ def test_serving_plan_counts_the_base_once_per_server() -> None:
     [server] = plan.servers
     assert server.jobs == ["tiny-ko", "tiny-intent", "third"] and server.max_loras == 16
     assert plan.shared_gib == pytest.approx(server.weights_gib + server.lora_gib, abs=1e-3)
-    # One vLLM per job holds the base three times.
-    assert plan.separate_gib == pytest.approx(3 * server.weights_gib + sum(server.lora_gib_per_job.values()),
-                                              abs=2e-3)
+    # One vLLM per job holds the base three times, and each its own SLOT_STEP slots (half the shared server's 16).
+    assert plan.separate_gib == pytest.approx(3 * server.weights_gib + 3 * server.lora_gib / 2, abs=2e-3)
+    assert plan_serving([load_config(QWEN)]).separate_gib == plan_serving([load_config(QWEN)]).shared_gib
     qwen = plan_serving([load_config(QWEN)]).servers[0]
     assert qwen.dtype == "bfloat16" and qwen.weights_gib == pytest.approx(7_615_616_512 * 2 / 1024**3, abs=1e-3)
     # KV per token: 2 (k, v) x 28 layers x 4 KV heads x 128 dims x 2 bytes.

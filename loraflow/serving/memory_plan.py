@@ -20,7 +20,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 class ServerPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    server_id: str
+    server_id: str  # offline: the revision as configured; a running server's id pins the commit, so it may differ
     base: str
     device: str
     dtype: str
@@ -64,6 +64,10 @@ def _shape(job: JobConfig) -> tuple[int, int, int]:
     return sum(p.numel() for p in model.parameters()), linears, 2 * text.num_hidden_layers * kv_heads * head_dim
 
 
+def _lora_gib(capacity: Capacity, linears: int, size: int) -> float:
+    return capacity.max_loras * capacity.max_lora_rank * linears * size / GIB
+
+
 def plan_serving(jobs: list[JobConfig]) -> ServingPlan:
     groups: dict[str, list[JobConfig]] = {}
     for job in jobs:
@@ -73,11 +77,12 @@ def plan_serving(jobs: list[JobConfig]) -> ServingPlan:
         first = members[0]
         dtype, size = planned_dtype(first), DTYPE_BYTES[planned_dtype(first)]
         params, linears, kv_values = _shape(first)
-        capacity = combined([Capacity(vllm_lora_rank([j.lora.r, j.serving.max_lora_rank or 1]), j.serving.slots)
-                             for j in members])
+        demands = {j.name: Capacity(vllm_lora_rank([j.lora.r, j.serving.max_lora_rank or 1]), j.serving.slots)
+                   for j in members}
+        capacity = combined(list(demands.values()))
         weights = params * size / GIB
         per_job = {j.name: round(j.serving.slots * capacity.max_lora_rank * linears * size / GIB, 4) for j in members}
-        lora = capacity.max_loras * capacity.max_lora_rank * linears * size / GIB
+        lora = _lora_gib(capacity, linears, size)
         if first.model.device == "cpu":
             kv = {"cpu": float(first.serving.cpu_kv_cache_gib)}
         else:
@@ -90,7 +95,8 @@ def plan_serving(jobs: list[JobConfig]) -> ServingPlan:
             max_lora_rank=capacity.max_lora_rank, lora_gib=round(lora, 4), lora_gib_per_job=per_job,
             kv_bytes_per_token=kv_values * size, kv_gib=kv,
             total_gib={where: round(weights + lora + gib, 3) for where, gib in kv.items()}))
-        separate += sum(weights + per_job[j.name] for j in members)
+        # Alone, each job's server still rounds its slots up (combined): what one vLLM per job would really hold.
+        separate += sum(weights + _lora_gib(combined([demand]), linears, size) for demand in demands.values())
     return ServingPlan(
         servers=servers, shared_gib=round(sum(s.weights_gib + s.lora_gib for s in servers), 3),
         separate_gib=round(separate, 3),
@@ -107,7 +113,8 @@ def format_serving_plan(plan: ServingPlan, totals: bool = True) -> str:
     """The servers with their parts; `totals`: then shared vs one server per job, and the assumptions."""
     lines = []
     for s in plan.servers:
-        lines += [f"base server {s.server_id}: {s.base} ({s.device}, {s.dtype}) for {', '.join(s.jobs)}",
+        # No id: offline, the revision is not resolved to the commit a running server's id is made of.
+        lines += [f"base server: {s.base} ({s.device}, {s.dtype}) for {', '.join(s.jobs)}",
                   f"  base weights      {s.weights_gib:9.3f} GiB (once, shared by {len(s.jobs)} job(s))",
                   f"  LoRA slots        {s.lora_gib:9.4f} GiB ({s.max_loras} slots x rank {s.max_lora_rank}: "
                   + ", ".join(f"{job} {gib:.4f}" for job, gib in s.lora_gib_per_job.items()) + ")"]

@@ -217,7 +217,7 @@ def down(stack: Stack) -> list[int]:
         crash_orphaned_runs(stack.prefect_api_url)
     for name in reversed(SERVICE_ORDER):
         stopped += _stop_service(stack, name)
-    return stopped
+    return list(dict.fromkeys(stopped))  # a vLLM the endpoint restarted is its child: stopped with both
 
 
 def _stop_service(stack: Stack, name: str) -> list[int]:

@@ -1,7 +1,8 @@
 """The shared vLLM killed under concurrent load on two jobs, real processes (vLLM, the endpoint with its supervisor,
 MLflow registries): the public port never refuses a connection, answers 503 + Retry-After while vLLM restarts, and
-every job's stable name answers again with its own champion without anyone running a command; a reconcile during
-the restart waits for it instead of racing.
+every job's stable name answers again with its own champion without anyone running a command; a reconcile pass
+whose vLLM dies under it (between placing the job and its first call to vLLM, where the kill lands here) waits for
+the restart instead of failing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import psutil
 import pytest
 
 from loraflow.process import alive
+from loraflow.serving import deploy
+from loraflow.serving.deploy import place_job
 from loraflow.serving.names import versioned_name
 from loraflow.serving.records import read_endpoint, read_server
 from tests.fixtures import ATTENTION, make_adapter, make_registry
@@ -51,7 +54,8 @@ def outcome(client: httpx.Client, url: str, model: str, stream: bool) -> tuple[s
 
 
 def test_a_killed_vllm_restarts_behind_an_endpoint_that_stays_up(tiny_base_dir: Path,
-                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+                                                                 tmp_path_factory: pytest.TempPathFactory,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path_factory.mktemp("recovery")
     registries = [make_registry(root / model, model) for model in MODELS]
     for seed, registry in enumerate(registries, start=7):
@@ -83,13 +87,25 @@ def test_a_killed_vllm_restarts_behind_an_endpoint_that_stays_up(tiny_base_dir: 
         def answered_again(model: str) -> bool:
             return any(s > kill_at and m == model and got == "200" for s, _, m, got in results)
 
+        killed = threading.Event()
+
+        def place_then_kill(*args: object, **kwargs: object) -> object:
+            placed = place_job(*args, **kwargs)
+            if not killed.is_set():
+                nonlocal kill_at
+                kill_at = time.monotonic()
+                psutil.Process(before["pid"]).kill()  # SIGKILL, the leader alone, as the OOM killer would
+                killed.set()
+            return placed
+
+        kill_at = float("inf")
+        monkeypatch.setattr(deploy, "place_job", place_then_kill)
         with ThreadPoolExecutor(CLIENTS + 1) as pool:
             workers = [pool.submit(load, i) for i in range(CLIENTS)]
             time.sleep(3)  # requests in flight when vLLM dies
-            kill_at = time.monotonic()
-            psutil.Process(before["pid"]).kill()  # SIGKILL, the leader alone, as the OOM killer would
-            # A reconcile pass meanwhile (the reconciler's drift check, an alias event) waits for the supervisor.
+            # A reconcile pass (the reconciler's drift check, an alias event) whose server dies under it.
             reconciled = pool.submit(served.deploy, registries[0])
+            assert killed.wait(60), "the pass never placed its job"
             deadline = time.monotonic() + 480  # liveness: vLLM's start on 2 busy cores, not a speed bound
             while not all(answered_again(m) for m in MODELS) and time.monotonic() < deadline:
                 time.sleep(0.2)

@@ -5,11 +5,15 @@ reconciler and `loraflow serve` through loraflow/localstack/serving_pass.py; `st
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
+
+import httpx
 
 from loraflow.config import ConfigError
 from loraflow.config.job import JobConfig
@@ -20,13 +24,15 @@ from loraflow.serving import records
 from loraflow.serving.client import EndpointClient
 from loraflow.serving.placement import detach_from, place_job
 from loraflow.serving.reconcile import ReconcileReport, reconcile
-from loraflow.serving.records import EndpointRecord, JobRecord
+from loraflow.serving.records import EndpointRecord, JobRecord, ServerRecord
 from loraflow.serving.registry_view import aliased_versions
 from loraflow.serving.server_spec import job_demand, server_spec
 from loraflow.serving.servers import start_endpoint
 from loraflow.serving.vllm_server import api_key
 
+log = logging.getLogger(__name__)
 DeviceSlot = Callable[[], AbstractContextManager[None]]
+DYING_S = 10  # a killed vLLM may still answer with reset connections this long before its process is gone
 
 
 def endpoint_for(job: JobConfig, start: bool) -> EndpointRecord | None:
@@ -78,11 +84,38 @@ def deploy_aliases(job: JobConfig, config: str, overrides: dict[str, Any] | None
         records.save_job(JobRecord(model=model, job=job.name, config=config, overrides=dict(overrides or {}),
                                    server=spec.server_id, demand=asdict(demand), notes=placed.notes))
         key = api_key(job.serving)
-        report = reconcile(job, EndpointClient(endpoint.url, key), placed.server, registry, uri, adapters_root, key,
-                           promoted_at=promoted_at)
+
+        def reconcile_on(server: ServerRecord) -> ReconcileReport:
+            return reconcile(job, EndpointClient(endpoint.url, key), server, registry, uri, adapters_root, key,
+                             promoted_at=promoted_at)
+
+        try:
+            report = reconcile_on(placed.server)
+        except httpx.TransportError as error:
+            if not _from_server(error, placed.server):
+                raise
+            # Its vLLM died during the pass (killed, out of memory): the endpoint's supervisor restarts it with
+            # what it held. Placing the job again waits for that; then one more pass.
+            log.warning("base server %s failed during the pass (%s): waiting for its restart", spec.server_id, error)
+            _wait_gone(placed.server)
+            placed = place_job(job, spec, demand, aliased, registry, device_slot)
+            report = reconcile_on(placed.server)
         if previous is not None and previous.server != spec.server_id:
             detach_from(previous.server, model, key)  # its settings changed: the old server no longer serves it
         return endpoint, report
+
+
+def _from_server(error: httpx.TransportError, server: ServerRecord) -> bool:
+    try:
+        return str(error.request.url).startswith(server.url)
+    except RuntimeError:  # an error raised without its request
+        return False
+
+
+def _wait_gone(server: ServerRecord) -> None:
+    deadline = time.monotonic() + DYING_S
+    while recorded(server.process) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def stop_job(job: JobConfig) -> list[str]:

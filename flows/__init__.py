@@ -1,5 +1,2 @@
-"""Prefect flows. Importing this package first points Prefect, Hugging Face and MLflow state at LORAFLOW_HOME."""
-
-from loraflow.env import configure_environment
-
-configure_environment()
+"""Prefect flows, one per module; each configures its process first (loraflow.env), as a deployment's flow run
+loads the module by path."""

@@ -12,6 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from loraflow.env import configure_environment
+
+# First, in this file: a deployment's flow run loads it by path (its entrypoint), so no package __init__ runs, and
+# without this our steps' INFO lines (training progress) would not reach the run's logs.
+configure_environment()
+
 from prefect import flow, get_run_logger
 
 from tasks.build_dataset import build_dataset

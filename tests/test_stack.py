@@ -22,11 +22,14 @@ from prefect.client.schemas.objects import StateType
 
 from loraflow.localstack.lifecycle import deploy, recorded_process
 from loraflow.localstack.lifecycle import status as stack_status
-from loraflow.localstack.prefect_api import ACCELERATOR_LIMIT
+from loraflow.localstack.prefect_api import ACCELERATOR_LIMIT, follow_flow_run
 from tests.fixtures import TERMINAL, TEST_FLOWS_FILE, RunningStack
 from tests.stackflows import PROBE_METRICS
 
 pytestmark = pytest.mark.slow
+# What the dependencies log on every run without asking anything of the user (loraflow.logs drops each).
+DEPENDENCY_NOTICES = ("gemm_4bit", "`pretrained` model kwarg", "Overwriting default num_fewshot",
+                      "system metrics monitoring", "Passed an already-initialized model")
 
 
 def probe_record(stack: RunningStack, flow_run_id: UUID | str) -> dict[str, float | str]:
@@ -234,6 +237,17 @@ def test_killed_training_resumes_from_checkpoint_on_retry(local_stack: RunningSt
     assert max(e["step"] for e in history_after if "loss" in e) > saved
     with local_stack.client() as client:
         assert client.read_global_concurrency_limit_by_name(ACCELERATOR_LIMIT).active_slots == 0
+
+    # The run's logs, as the Prefect UI and `loraflow demo` show them: each step's progress and summary, and none
+    # of the dependencies' notices that ask nothing of the user (the worker loads flows/finetune.py by path).
+    lines: list[tuple[str, str]] = []
+    follow_flow_run(local_stack.stack.prefect_api_url, flow_run_id,
+                    lambda line, task: lines.append((task, line.message)))
+    train_lines = [message for task, message in lines if task.startswith("train")]
+    assert any(m.startswith("training: ") and "%" in m for m in train_lines), train_lines
+    assert any(m.startswith("train: ") and "steps in" in m for m in train_lines), train_lines
+    notices = [m for _, m in lines if any(n in m for n in DEPENDENCY_NOTICES)]
+    assert not notices, notices
 
 
 def test_restart_keeps_state_and_down_leaves_no_process(local_stack: RunningStack) -> None:

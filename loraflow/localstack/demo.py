@@ -1,5 +1,6 @@
-"""`loraflow demo`: the user's path. `up`, then `prefect deployment run finetune/tiny-ko --watch`, then where to
-look (the Prefect run, the MLflow run it logged to)."""
+"""`loraflow demo`: the user's path. `up`, then `prefect deployment run finetune/tiny-ko`, the run's own log lines
+as the Prefect UI shows them (each step's progress, not Prefect's event stream that `--watch` prints), then where to
+look (the Prefect run, the MLflow run it logged to, the OpenAI endpoint)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import subprocess
 import sys
 
 import httpx
+from prefect.client.schemas.objects import Log
 
 from loraflow.localstack.lifecycle import up
-from loraflow.localstack.prefect_api import latest_flow_run
+from loraflow.localstack.prefect_api import follow_flow_run, latest_flow_run
 from loraflow.localstack.stack import REPO_ROOT, Stack
 from loraflow.registry.client import run_url
 from loraflow.serving.records import read_endpoint
@@ -33,15 +35,20 @@ def demo(stack: Stack, deployment: str = DEMO_DEPLOYMENT) -> int:
     print(f"Starting the local stack under {stack.home} ...", flush=True)
     for name, seconds in up(stack).items():
         print(f"  {name}: ready in {seconds:.1f} s", flush=True)
-    print("$ prefect deployment run", deployment, "--watch", flush=True)
-    watched = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", deployment, "--watch"],
-                             cwd=REPO_ROOT, env={**os.environ, **stack.client_env()}, check=False)
+    print("$ prefect deployment run", deployment, flush=True)
+    started = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", deployment],
+                             cwd=REPO_ROOT, env={**os.environ, **stack.client_env()}, check=False,
+                             capture_output=True, text=True)
     flow_run = latest_flow_run(stack.prefect_api_url, deployment)
-    state = flow_run.state.type.value if flow_run and flow_run.state else "UNKNOWN"
-    print(f"\nflow run: {flow_run.name if flow_run else '?'}  state: {state}")
-    runs = mlflow_runs_of_flow_run(stack, flow_run.id) if flow_run else []
-    if flow_run:
-        print(f"Prefect  {stack.flow_run_url(flow_run.id)}")
+    if started.returncode or flow_run is None:
+        print(started.stdout + started.stderr, file=sys.stderr)
+        return started.returncode or 1
+    print(f"flow run {flow_run.name} ({flow_run.id}); its log, as in the Prefect UI:", flush=True)
+    flow_run = follow_flow_run(stack.prefect_api_url, flow_run.id, _print_line)
+    state = flow_run.state.type.value if flow_run.state else "UNKNOWN"
+    print(f"\nflow run: {flow_run.name}  state: {state}")
+    runs = mlflow_runs_of_flow_run(stack, flow_run.id)
+    print(f"Prefect  {stack.flow_run_url(flow_run.id)}")
     for run in runs:
         info = run["info"]
         print(f"MLflow   {run_url(stack.mlflow_url, info['experiment_id'], info['run_id'])}")
@@ -49,5 +56,10 @@ def demo(stack: Stack, deployment: str = DEMO_DEPLOYMENT) -> int:
         print(f"MLflow   {stack.mlflow_url} (no run tagged with this flow run)")
     if (endpoint := read_endpoint(stack.home)) is not None:
         print(f"OpenAI   {endpoint.url}/v1 (model=\"tiny-ko\": the champion; `loraflow status` lists every served job)")
-    print("Stop everything with `make down` (or `loraflow down`).")
-    return watched.returncode or (0 if state == "COMPLETED" and runs else 1)
+    print("In a new shell, `source .venv/bin/activate` first: then `prefect deployment run finetune/tiny-ko` and "
+          "`loraflow status` work as above. Stop everything with `make down` (or `loraflow down`).")
+    return 0 if state == "COMPLETED" and runs else 1
+
+
+def _print_line(line: Log, task: str) -> None:
+    print(f"{line.timestamp.astimezone():%H:%M:%S} {task or 'finetune':<22} {line.message}", flush=True)

@@ -6,23 +6,27 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 
 import psutil
 from prefect import get_run_logger
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterDeploymentId,
     FlowRunFilterState,
     FlowRunFilterStateType,
+    LogFilter,
+    LogFilterFlowRunId,
+    LogFilterTimestamp,
 )
-from prefect.client.schemas.objects import FlowRun, StateType, WorkerStatus
-from prefect.client.schemas.sorting import FlowRunSort
+from prefect.client.schemas.objects import FlowRun, Log, StateType, WorkerStatus
+from prefect.client.schemas.sorting import FlowRunSort, LogSort
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError, ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -36,6 +40,10 @@ ACCELERATOR_LIMIT = "accelerator"
 # A killed run keeps its slot until the lease expires; a short lease lets its retry start soon after.
 # The lease is renewed in the background while the work runs, so long trainings are unaffected.
 LEASE_SECONDS = 60
+# A run's processes send their log lines in batches (every 2 s by default): a line may reach the server after
+# lines stamped later, or after the run's final state. Reads look back this far and wait this long at the end.
+LOG_LAG = timedelta(seconds=10)
+LOG_PAGE = 200  # the server's default and most it returns per read
 
 
 
@@ -82,6 +90,42 @@ def latest_flow_run(api_url: str, deployment: str) -> FlowRun | None:
             flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[target.id])),
             sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
     return runs[0] if runs else None
+
+
+def follow_flow_run(api_url: str, flow_run_id: UUID, emit: Callable[[Log, str], None],
+                    poll_s: float = 2.0) -> FlowRun:
+    """Hand each log line of the run (with its task run's name, "" for the flow's own) to `emit` as it arrives,
+    until the run is final and its last lines are in; returns the final run."""
+    seen: set[UUID] = set()
+    tasks: dict[UUID, str] = {}
+    since: datetime | None = None
+    final_at: float | None = None
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        while final_at is None or time.monotonic() - final_at < LOG_LAG.total_seconds():
+            run = client.read_flow_run(flow_run_id)
+            if final_at is None and run.state is not None and run.state.is_final():
+                final_at = time.monotonic()
+            for line in _logs_after(client, flow_run_id, since - LOG_LAG if since else None):
+                if line.id in seen:
+                    continue
+                seen.add(line.id)
+                since = max(since or line.timestamp, line.timestamp)
+                if line.task_run_id and line.task_run_id not in tasks:
+                    tasks[line.task_run_id] = client.read_task_run(line.task_run_id).name
+                emit(line, tasks.get(line.task_run_id, "") if line.task_run_id else "")
+            time.sleep(poll_s)
+    return run
+
+
+def _logs_after(client: SyncPrefectClient, flow_run_id: UUID, after: datetime | None) -> Iterator[Log]:
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
+                           timestamp=LogFilterTimestamp(after_=after) if after else None)
+    offset = 0
+    while page := client.read_logs(log_filter, limit=LOG_PAGE, offset=offset, sort=LogSort.TIMESTAMP_ASC):
+        yield from page
+        offset += len(page)
+        if len(page) < LOG_PAGE:
+            return
 
 
 def retire_deployments(api_url: str, tag: str, keep: set[str], obsolete_flows: tuple[str, ...] = ()) -> list[str]:

@@ -37,9 +37,6 @@ def deploy(job: JobConfig, config: str, overrides: dict[str, Any] | None = None,
                     job.registry.model_name)
         return None
     endpoint, report = deployed
-    for canary in report.canaries:
-        logger.info("canary %s-v%s: %s (%s)", job.registry.model_name, canary.version,
-                    "passed" if canary.passed else "FAILED", canary.reason)
     logger.info("serving at %s/v1 on base server %s: routes %s, loaded %s, unloaded %s", endpoint.url,
                 report.server, report.routes, report.loaded, report.unloaded)
     return report

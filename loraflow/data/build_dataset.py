@@ -13,7 +13,6 @@ stats.json records rows read and kept per source, rejections per reason (duplica
 from __future__ import annotations
 
 import json
-import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ from loraflow.data.sources import PinnedData, SourceFingerprint, as_pinned, data
 from loraflow.hashing import sha_of
 from loraflow.outputs import write_json
 from loraflow.results import DatasetResult
-
-log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 DUPLICATE = "exact duplicate of an earlier row"
@@ -148,8 +145,6 @@ def build_dataset(data: DataConfig | PinnedData, out_dir: Path, key: str) -> Dat
     write_json(out_dir / "stats.json", stats)
     write_json(out_dir / MANIFEST_FILE, manifest)
     dataset_sha = sha_of([r["_canonical"] for r in train_rows], [r["_canonical"] for r in eval_rows])
-    log.info("dataset: %d train, %d eval, %d rejected (see %s)", len(train_rows), len(eval_rows),
-             len(rejected), out_dir / "rejected.jsonl")
     return DatasetResult(key=key, path=str(out_dir), dataset_sha=dataset_sha, stats=stats)
 
 

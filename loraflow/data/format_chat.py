@@ -10,7 +10,6 @@ is the assistant span the template marks after the prompt, checked the same way.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,6 @@ from loraflow.data.conversation import Message, template_inputs
 from loraflow.outputs import write_json
 from loraflow.results import ChatResult, DatasetResult
 from loraflow.templates import template_sha
-
-log = logging.getLogger(__name__)
 
 END_OF_TURN = "<|im_end|>"
 START_OF_TURN = "<|im_start|>"
@@ -145,6 +142,5 @@ def format_chat(dataset: DatasetResult, model: ModelConfig, training: TrainingCo
         "length_max": int(max(lengths)),
     }
     write_json(out_dir / "stats.json", stats)
-    log.info("chat: %s", stats)
     return ChatResult(key=key, path=str(out_dir), dataset_sha=dataset.dataset_sha,
                       template_sha=template_sha(model.chat_template), stats=stats)

@@ -1,9 +1,20 @@
-"""Where loraflow keeps its state. Everything lives under LORAFLOW_HOME (default ./.loraflow)."""
+"""Where loraflow keeps its state. Everything lives under LORAFLOW_HOME (default ./.loraflow), but for the caches
+every clone of a machine shares (`machine_cache`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+CACHE_ENV = "LORAFLOW_CACHE_DIR"
+
+
+def machine_cache() -> Path:
+    """LORAFLOW_CACHE_DIR, else $XDG_CACHE_HOME/loraflow, else ~/.cache/loraflow: what is rebuilt identically from
+    its key (the embedded base, vLLM's model-inspection and compile caches), so sharing it only saves time."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "loraflow"
 
 
 def home() -> Path:

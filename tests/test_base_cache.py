@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from loraflow.paths import machine_cache
 from loraflow.tiny import base
-from loraflow.tiny.shared_models import COMPLETE, built_model, machine_cache
+from loraflow.tiny.shared_models import COMPLETE, built_model
 
 
 class CountingBuild:

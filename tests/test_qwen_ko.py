@@ -14,10 +14,11 @@ from trl import SFTConfig
 
 from loraflow.config import ConfigError, JobConfig, load_config
 from loraflow.evaluation.served_parity import served_model_args
+from loraflow.paths import machine_cache
 from loraflow.registry.promote import judge
 from loraflow.serving.server_spec import combined, job_demand, served_dtype, server_spec
 from loraflow.serving.urls import served_url
-from loraflow.serving.vllm_server import VllmLaunch, vllm_command
+from loraflow.serving.vllm_server import VllmLaunch, vllm_command, vllm_settings
 from loraflow.training.arguments import peft_config, sft_arguments
 from loraflow.training.models import (
     attn_implementation_for,
@@ -139,6 +140,13 @@ def test_vllm_command_line(qwen: JobConfig, bf16_gpu: None, tmp_path: Path) -> N
     assert "--enable-lora" in command and "--tensor-parallel-size" not in command
     # The public side is the stack's endpoint, shared with every served job: qwen-ko names no port of its own.
     assert (qwen.serving.port, qwen.serving.host) == (None, None)
+    # Its environment: the compile and model-inspection caches are the machine's, shared by every server and
+    # clone (a restart or another LORAFLOW_HOME compiles nothing again); its sockets are its own.
+    settings, elsewhere = vllm_settings(spec, tmp_path / "a"), vllm_settings(spec, tmp_path / "b")
+    assert settings["VLLM_CACHE_ROOT"] == elsewhere["VLLM_CACHE_ROOT"] == str(machine_cache() / "vllm")
+    assert settings["TORCHINDUCTOR_CACHE_DIR"] == str(machine_cache() / "inductor")
+    assert settings["VLLM_RPC_BASE_PATH"] != elsewhere["VLLM_RPC_BASE_PATH"]
+    assert settings["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and "VLLM_API_KEY" not in settings
 
 
 def test_merge_runs_in_fp32_on_the_cpu_and_saves_bf16(qwen: JobConfig, bf16_gpu: None) -> None:

@@ -9,7 +9,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import psutil
@@ -104,7 +104,9 @@ def follow_flow_run(api_url: str, flow_run_id: UUID, emit: Callable[[Log, str], 
         while final_at is None or time.monotonic() - final_at < LOG_LAG.total_seconds():
             run = client.read_flow_run(flow_run_id)
             if final_at is None and run.state is not None and run.state.is_final():
-                final_at = time.monotonic()
+                # Its last lines are in once LOG_LAG has passed since it ended (long ago for a finished run).
+                ended = (datetime.now(UTC) - run.end_time).total_seconds() if run.end_time else 0.0
+                final_at = time.monotonic() - max(ended, 0.0)
             for line in _logs_after(client, flow_run_id, since - LOG_LAG if since else None):
                 if line.id in seen:
                     continue

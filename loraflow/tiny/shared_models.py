@@ -4,7 +4,6 @@ LORAFLOW_HOME's models/ (a registered version's base path stays valid whatever h
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -12,17 +11,9 @@ from pathlib import Path
 
 from loraflow import paths
 
-CACHE_ENV = "LORAFLOW_CACHE_DIR"
 # The repo's own state dir (the Makefile's default LORAFLOW_HOME): test sessions and benches link theirs to it.
 SHARED_MODELS = Path(__file__).resolve().parents[2] / ".loraflow" / "models"
 COMPLETE = "config.json"  # written by save_pretrained; a directory is only ever renamed into place whole
-
-
-def machine_cache() -> Path:
-    """LORAFLOW_CACHE_DIR, else $XDG_CACHE_HOME/loraflow, else ~/.cache/loraflow."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "loraflow"
 
 
 def _place(staging: Path, target: Path) -> None:
@@ -48,7 +39,7 @@ def built_model(name: str, build: Callable[[Path], None]) -> Path:
     target = paths.models_dir() / name
     if (target / COMPLETE).is_file():
         return target
-    cached = machine_cache() / "models" / name
+    cached = paths.machine_cache() / "models" / name
     if not (cached / COMPLETE).is_file():
         staging = _staging(cached.parent, name)
         try:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.states import Pending
 
 from loraflow.localstack.lifecycle import recorded_process
 from loraflow.localstack.running import set_alias_like_the_ui, stable_root
@@ -191,6 +192,9 @@ def test_a_reconciler_and_a_worker_killed_mid_pass_leave_nothing_waiting(local_s
     wait_for(lambda: len(running(local_stack, since)) >= 1, 120)  # the worker's run holds the accelerator
     set_alias_like_the_ui(local_stack, versions[0])
     wait_for(lambda: any(p["why"].startswith("champion") for p in serving_passes(local_stack, MODEL, since)), 60)
+    with local_stack.client() as client:  # what a worker killed between claiming a run and starting it leaves
+        hold = client.read_deployment_by_name("stack-probe/hold")
+        unstarted = client.create_flow_run_from_deployment(hold.id, parameters={"seconds": 0}, state=Pending())
     for name in ("reconciler", "worker"):  # SIGKILL, the whole family: nothing of them gets to clean up
         leader = recorded_process(local_stack.stack, name)
         assert leader is not None
@@ -200,6 +204,8 @@ def test_a_reconciler_and_a_worker_killed_mid_pass_leave_nothing_waiting(local_s
     # Only those whose process is gone: the new worker may already run one the pass's event triggered (a parity run).
     orphans = [run.name for run in running(local_stack, since) if not run_process_alive(run.infrastructure_pid)]
     assert orphans == [], "runs of dead processes must not claim to run"
+    with local_stack.client() as client:
+        assert client.read_flow_run(unstarted.id).state.type == StateType.CRASHED
     wait_for(lambda: stable_root(stack_endpoint) == versioned_name(MODEL, versions[0]), 120)
     set_alias_like_the_ui(local_stack, versions[1])
     seconds = wait_for(lambda: stable_root(stack_endpoint) == versioned_name(MODEL, versions[1]), 120)

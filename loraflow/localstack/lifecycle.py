@@ -186,7 +186,7 @@ def up(stack: Stack, deploy_jobs: bool = True, base_file: Path = PREFECT_FILE) -
             timings["webhook"] = time.monotonic() - started
         register_webhook(stack)
         # What a crash (a killed worker, a reboot) left Running is Crashed before anything waits on it.
-        crash_orphaned_runs(stack.prefect_api_url)
+        crash_orphaned_runs(stack.prefect_api_url, worker_gone=recorded_process(stack, "worker") is None)
         if recorded_process(stack, "worker") is None:
             started, since = time.monotonic(), datetime.now(UTC)
             worker = start_service(stack, "worker")
@@ -214,7 +214,7 @@ def down(stack: Stack) -> list[int]:
     stopped += _stop_service(stack, "worker")
     if recorded_process(stack, "prefect-server") is not None and answers_within(
             str(stack.service("prefect-server").health_url), RECORDED_HEALTH_S):
-        crash_orphaned_runs(stack.prefect_api_url)
+        crash_orphaned_runs(stack.prefect_api_url, worker_gone=True)
     for name in reversed(SERVICE_ORDER):
         stopped += _stop_service(stack, name)
     return list(dict.fromkeys(stopped))  # a vLLM the endpoint restarted is its child: stopped with both

@@ -145,16 +145,20 @@ def retire_deployments(api_url: str, tag: str, keep: set[str], obsolete_flows: t
     return retired
 
 
-def crash_orphaned_runs(api_url: str) -> list[str]:
+def crash_orphaned_runs(api_url: str, worker_gone: bool) -> list[str]:
     """Flow runs left Running/Pending by a worker process that is gone (stopped or killed with the stack, a reboot)
     are marked Crashed, so nothing waits on them and the UI tells the truth. Only runs whose recorded infrastructure
-    pid is a dead process of this machine: a run of `loraflow run` in some shell is left alone."""
+    pid is a dead process of this machine: a run of `loraflow run` in some shell is left alone. `worker_gone`: our
+    worker is not running, so a run of our pool it left Pending before it recorded a pid (it died in between) is
+    one too."""
     crashed = []
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         running = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
             type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]))))
         for run in running:
-            if _gone(run.infrastructure_pid):
+            unclaimed = (worker_gone and run.state_type == StateType.PENDING and not run.infrastructure_pid
+                         and run.work_pool_name == POOL)
+            if unclaimed or _gone(run.infrastructure_pid):
                 client.set_flow_run_state(run.id, Crashed(message="its process stopped with the local stack (or "
                                                           "was killed); marked by `loraflow up`/`down`"), force=True)
                 crashed.append(f"{run.name} ({run.id})")

@@ -14,9 +14,7 @@ from typing import Any
 
 from loraflow.env import configure_environment
 
-# First, in this file: a deployment's flow run loads it by path (its entrypoint), so no package __init__ runs, and
-# without this our steps' INFO lines (training progress) would not reach the run's logs.
-configure_environment()
+configure_environment()  # first: a worker's flow run loads this file by path (flows/__init__.py)
 
 from prefect import flow, get_run_logger
 

@@ -149,7 +149,8 @@ def _family(leader: psutil.Process) -> list[psutil.Process]:
     return list(members.values())
 
 
-def _wait_gone(processes: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+def wait_gone(processes: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of `processes` still alive after at most `timeout` seconds."""
     deadline = time.monotonic() + timeout
     left = [p for p in processes if alive(p)]
     while left and time.monotonic() < deadline:
@@ -176,14 +177,14 @@ def stop_process(leader: psutil.Process | None, grace_s: float = STOP_GRACE_S) -
     _signal_all(family, signal.SIGTERM)
     with contextlib.suppress(psutil.NoSuchProcess):
         leader.resume()
-    stubborn = _wait_gone(family, grace_s)
+    stubborn = wait_gone(family, grace_s)
     _signal_all(stubborn, signal.SIGKILL)
     # Children forked while shutting down join the group late: sweep it once more (the group outlives its leader).
     stragglers = [p for p in _family(leader) if alive(p) and p.pid not in {f.pid for f in family}]
     _signal_all(stragglers, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError, ProcessLookupError):
         os.waitpid(leader.pid, os.WNOHANG)  # reap it if it is our own child
-    left = _wait_gone(stubborn + stragglers, 5.0)
+    left = wait_gone(stubborn + stragglers, 5.0)
     if left:
         raise ProcessFailed(f"processes {[p.pid for p in left]} survived SIGKILL")
     return sorted(p.pid for p in family)
@@ -205,7 +206,7 @@ def stop_record(record: dict[str, Any] | None, grace_s: float = STOP_GRACE_S) ->
             if os.getpgid(process.pid) == int(record["pid"]) and process.create_time() >= started:
                 orphans.append(process)
     _signal_all(orphans, signal.SIGKILL)
-    if _wait_gone(orphans, 5.0):
+    if wait_gone(orphans, 5.0):
         raise ProcessFailed(f"processes {[p.pid for p in orphans if alive(p)]} survived SIGKILL")
     return sorted(p.pid for p in orphans)
 

@@ -114,7 +114,7 @@ def follow_flow_run(api_url: str, flow_run_id: UUID, emit: Callable[[Log, str], 
                 since = max(since or line.timestamp, line.timestamp)
                 if line.task_run_id and line.task_run_id not in tasks:
                     tasks[line.task_run_id] = client.read_task_run(line.task_run_id).name
-                emit(line, tasks.get(line.task_run_id, "") if line.task_run_id else "")
+                emit(line, tasks.get(line.task_run_id, ""))  # "" for the flow's own lines
             time.sleep(poll_s)
     return run
 

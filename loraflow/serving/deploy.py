@@ -6,7 +6,6 @@ reconciler and `loraflow serve` through loraflow/localstack/serving_pass.py; `st
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
@@ -17,7 +16,7 @@ import httpx
 
 from loraflow.config import ConfigError
 from loraflow.config.job import JobConfig
-from loraflow.process import file_lock, recorded
+from loraflow.process import file_lock, recorded, wait_gone
 from loraflow.registry.client import client_for, tracking_uri
 from loraflow.registry.download import download_version
 from loraflow.serving import records
@@ -97,7 +96,8 @@ def deploy_aliases(job: JobConfig, config: str, overrides: dict[str, Any] | None
             # Its vLLM died during the pass (killed, out of memory): the endpoint's supervisor restarts it with
             # what it held. Placing the job again waits for that; then one more pass.
             log.warning("base server %s failed during the pass (%s): waiting for its restart", spec.server_id, error)
-            _wait_gone(placed.server)
+            if (dying := recorded(placed.server.process)) is not None:
+                wait_gone([dying], DYING_S)
             placed = place_job(job, spec, demand, aliased, registry, device_slot)
             report = reconcile_on(placed.server)
         if previous is not None and previous.server != spec.server_id:
@@ -110,12 +110,6 @@ def _from_server(error: httpx.TransportError, server: ServerRecord) -> bool:
         return str(error.request.url).startswith(server.url)
     except RuntimeError:  # an error raised without its request
         return False
-
-
-def _wait_gone(server: ServerRecord) -> None:
-    deadline = time.monotonic() + DYING_S
-    while recorded(server.process) is not None and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def stop_job(job: JobConfig) -> list[str]:
